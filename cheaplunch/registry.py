@@ -1,0 +1,67 @@
+"""One registry: a method (pre-training) or task (fine-tuning) name -> its LightningModule,
+DataModule and default YAML. Classes are imported lazily so `--help` stays fast."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from cheaplunch import CONFIG_DIR
+from cheaplunch.errors import UserError
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    summary: str
+    module: str  # "package.module:ClassName" of the LightningModule
+    datamodule: str  # "package.module:ClassName" of the LightningDataModule
+    config: str  # YAML file name under configs/
+
+    @property
+    def config_path(self) -> Path:
+        return CONFIG_DIR / self.config
+
+    def module_class(self) -> type:
+        return _import(self.module)
+
+    def datamodule_class(self) -> type:
+        return _import(self.datamodule)
+
+
+def _import(target: str) -> type:
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+METHODS: dict[str, Entry] = {}
+TASKS: dict[str, Entry] = {}
+
+
+def register(table: dict[str, Entry], entry: Entry) -> Entry:
+    if entry.name in table:
+        raise ValueError(f"'{entry.name}' registered twice")
+    table[entry.name] = entry
+    return entry
+
+
+register(METHODS, Entry(
+    "montage",
+    "Montage pre-training with ERF-adaptive dense classification (Zhou et al., ECCV 2020)",
+    "lightning_modules.montage:MontageModule",
+    "datamodules.montage:MontageDataModule",
+    "montage.yaml",
+))
+
+
+def lookup(table: dict[str, Entry], name: str, kind: str) -> Entry:
+    if name not in table:
+        choices = ", ".join(sorted(table)) or "(none)"
+        raise UserError(f"unknown {kind} '{name}'; choices: {choices}")
+    return table[name]
+
+
+def describe(table: dict[str, Entry]) -> str:
+    width = max((len(n) for n in table), default=0)
+    return "\n".join(f"  {name:<{width}}  {entry.summary}" for name, entry in sorted(table.items()))
