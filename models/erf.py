@@ -1,0 +1,266 @@
+"""Effective receptive fields (Luo et al., NeurIPS 2016) and the ERF-adaptive soft-label weights of
+Montage pre-training (Zhou et al., ECCV 2020, Sec. 3.3).
+
+G[j, k] = |d sum_c X[b, c, j, k] / d image_b|, summed over RGB and averaged over the images: an (H, W)
+map per feature position (j, k). The absolute value is taken per image, before averaging.
+
+Cost: a naive loop runs one backward pass per feature position (``compute_erf_bruteforce``).
+``compute_erf`` runs one forward pass and vectorises the h*w backward passes with
+``torch.autograd.grad(..., is_grads_batched=True)`` (vmap over the output gradients), in chunks of
+positions. Both rely on the images being independent in eval mode (BatchNorm uses running
+statistics): the gradient of sum_b S[b, j, k] w.r.t. the batch holds image b's own gradient in slot b,
+so one backward pass serves the whole batch exactly.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "compute_erf",
+    "compute_erf_bruteforce",
+    "soft_label_weights",
+    "position_regions_from_masks",
+    "erf_heatmap_grid",
+]
+
+ErfMethod = Literal["auto", "vmap", "replicate"]
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode and restore each one's own flag afterwards (so a model that is
+    training with, say, frozen BatchNorm layers gets exactly its previous state back)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+
+
+def _feature_map(model: nn.Module, images: Tensor) -> Tensor:
+    """Run the model and return its (B, C, h, w) feature map; for a model returning a list/tuple of maps
+    (timm ``features_only``), the last one."""
+    out = model(images)
+    if isinstance(out, (list, tuple)):
+        out = out[-1]
+    if not isinstance(out, Tensor) or out.dim() != 4:
+        raise ValueError(
+            "compute_erf needs a model returning a (B, C, h, w) feature map (or a list of them), got "
+            f"{type(out).__name__}{'' if not isinstance(out, Tensor) else tuple(out.shape)}"
+        )
+    return out
+
+
+def _check_images(images: Tensor) -> None:
+    if images.dim() != 4:
+        raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("compute_erf needs autograd: call it outside torch.inference_mode()")
+
+
+def _reduce(grads: Tensor) -> Tensor:
+    """(P, B, 3, H, W) input gradients -> (P, H, W): abs per image, sum over RGB, mean over images."""
+    return grads.abs().sum(dim=2).mean(dim=1)
+
+
+def compute_erf(
+    model: nn.Module,
+    images: Tensor,
+    *,
+    chunk_size: int | None = None,
+    method: ErfMethod = "auto",
+) -> Tensor:
+    """Exact ERF of every feature position: a tensor (h, w, H, W) on ``images.device``, float32.
+
+    The model is evaluated in eval mode (each submodule's mode is restored afterwards) and no gradient
+    is accumulated into any parameter's ``.grad``. ``chunk_size`` caps how many positions share one
+    vectorised backward pass (memory grows linearly with it); None does all h*w at once.
+
+    ``method``: "vmap" = one forward, then ``autograd.grad(is_grads_batched=True)`` per chunk;
+    "replicate" = the fallback for models with an op vmap cannot batch: the batch is repeated once per
+    position of the chunk, forwarded, and one ordinary backward pass with a one-hot output gradient per
+    replica gives every position's gradient (exact too, as images are independent in eval mode; it costs
+    one forward per position). "auto" tries vmap and falls back to replicate if it raises.
+    """
+    _check_images(images)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    if method not in ("auto", "vmap", "replicate"):
+        raise ValueError(f"unknown ERF method {method!r}: use 'auto', 'vmap' or 'replicate'")
+    with _eval_mode(model), torch.enable_grad():
+        if method == "replicate":
+            return _erf_replicate(model, images, chunk_size)
+        try:
+            return _erf_vmap(model, images, chunk_size)
+        except RuntimeError as err:
+            if method == "vmap":
+                raise
+            warnings.warn(
+                f"compute_erf: vmap over output gradients failed ({err}); falling back to the "
+                "replicated-batch method (same result, one forward per position)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return _erf_replicate(model, images, chunk_size)
+
+
+def _erf_vmap(model: nn.Module, images: Tensor, chunk_size: int | None) -> Tensor:
+    x = images.detach().requires_grad_(True)
+    s = _feature_map(model, x).sum(dim=1)  # (B, h, w)
+    b, h, w = s.shape
+    n = h * w
+    step = n if chunk_size is None else chunk_size
+    out = torch.empty(n, *images.shape[-2:], device=images.device, dtype=torch.float32)
+    for start in range(0, n, step):
+        idx = torch.arange(start, min(start + step, n), device=s.device)
+        onehot = torch.zeros(len(idx), n, device=s.device, dtype=s.dtype)
+        onehot[torch.arange(len(idx), device=s.device), idx] = 1.0
+        grad_out = onehot.view(len(idx), 1, h, w).expand(len(idx), b, h, w)
+        (g,) = torch.autograd.grad(
+            s, x, grad_outputs=grad_out, is_grads_batched=True, retain_graph=start + step < n
+        )
+        out[start : start + len(idx)] = _reduce(g).float()
+    return out.view(h, w, *images.shape[-2:])
+
+
+def _erf_replicate(model: nn.Module, images: Tensor, chunk_size: int | None) -> Tensor:
+    b = images.shape[0]
+    with torch.no_grad():
+        h, w = _feature_map(model, images[:1]).shape[-2:]
+    n = h * w
+    step = n if chunk_size is None else chunk_size
+    out = torch.empty(n, *images.shape[-2:], device=images.device, dtype=torch.float32)
+    for start in range(0, n, step):
+        p = min(step, n - start)
+        x = images.detach().repeat(p, 1, 1, 1).requires_grad_(True)  # replica q = rows q*b .. q*b+b-1
+        s = _feature_map(model, x).sum(dim=1).view(p, b, n)
+        grad_out = torch.zeros_like(s)
+        grad_out[torch.arange(p), :, torch.arange(start, start + p)] = 1.0
+        (g,) = torch.autograd.grad(s, x, grad_outputs=grad_out)
+        out[start : start + p] = _reduce(g.view(p, b, *images.shape[1:])).float()
+    return out.view(h, w, *images.shape[-2:])
+
+
+def compute_erf_bruteforce(model: nn.Module, images: Tensor) -> Tensor:
+    """Reference ERF (h, w, H, W): one plain ``autograd.grad`` call per feature position. Slow; for tests
+    and the benchmark. Same conventions as ``compute_erf``."""
+    _check_images(images)
+    with _eval_mode(model), torch.enable_grad():
+        x = images.detach().requires_grad_(True)
+        s = _feature_map(model, x).sum(dim=1)
+        _, h, w = s.shape
+        out = torch.empty(h, w, *images.shape[-2:], device=images.device, dtype=torch.float32)
+        for j in range(h):
+            for k in range(w):
+                last = j == h - 1 and k == w - 1
+                (g,) = torch.autograd.grad(s[:, j, k].sum(), x, retain_graph=not last)
+                out[j, k] = _reduce(g.unsqueeze(0))[0].float()
+    return out
+
+
+def position_regions_from_masks(region_masks: Tensor, feature_hw: tuple[int, int]) -> Tensor:
+    """Region index (h, w) of each feature position: the mask that holds the input-space centre of the
+    position's stride cell, ((j + 0.5) * H / h, (k + 0.5) * W / w), read off the masks (so any masks
+    work). Where masks overlap the lowest index wins; a centre covered by no mask is an error."""
+    if region_masks.dim() != 3:
+        raise ValueError(f"region_masks must be (R, H, W), got shape {tuple(region_masks.shape)}")
+    fh, fw = feature_hw
+    big_h, big_w = region_masks.shape[-2:]
+    dev = region_masks.device
+    cy = ((torch.arange(fh, dtype=torch.float64, device=dev) + 0.5) * big_h / fh).floor().long()
+    cx = ((torch.arange(fw, dtype=torch.float64, device=dev) + 0.5) * big_w / fw).floor().long()
+    cy, cx = cy.clamp_max(big_h - 1), cx.clamp_max(big_w - 1)
+    at_centres = region_masks[:, cy][:, :, cx] > 0  # (R, h, w)
+    if not bool(at_centres.any(dim=0).all()):
+        raise ValueError("some feature cell centres lie outside every region mask")
+    return at_centres.int().argmax(dim=0)  # first True
+
+
+def soft_label_weights(erf: Tensor, region_masks: Tensor, tau: float = 0.7) -> Tensor:
+    """ERF-adaptive label weights (h, w, R) for the dense soft-label targets.
+
+    For position (j, k) in region r (``position_regions_from_masks``), with E_i = sum(G . M^i):
+        w_r = max(tau, E_r / sum(G)),   w_i = (1 - w_r) * E_i / sum_{i' != r} E_i'   (i != r).
+    The denominator equals the paper's sum(G . (1 - M^r)) when the masks partition the canvas (as the
+    montage layout's do); written this way the weights sum to 1 for any masks. Corner cases, without
+    NaN: no ERF mass outside r -> one-hot on r; sum(G) == 0 -> one-hot on r. tau = 1 gives one-hot
+    weights, i.e. the block-wise objective.
+    """
+    if erf.dim() != 4:
+        raise ValueError(f"erf must be (h, w, H, W), got shape {tuple(erf.shape)}")
+    if region_masks.dim() != 3 or region_masks.shape[-2:] != erf.shape[-2:]:
+        raise ValueError(
+            f"region_masks must be (R, H, W) with (H, W) = {tuple(erf.shape[-2:])}, "
+            f"got {tuple(region_masks.shape)}"
+        )
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"tau must lie in [0, 1], got {tau}")
+    fh, fw = erf.shape[:2]
+    g = erf.detach().double()
+    m = (region_masks.to(device=erf.device) > 0).double()
+    own = position_regions_from_masks(m, (fh, fw))  # (h, w)
+    mass = torch.einsum("jkyx,ryx->jkr", g, m)  # E_i per position
+    total = g.sum(dim=(-2, -1))  # (h, w)
+    own_onehot = torch.nn.functional.one_hot(own, m.shape[0]).bool()  # (h, w, R)
+    own_mass = (mass * own_onehot).sum(-1)
+    other_mass = mass.masked_fill(own_onehot, 0.0)
+    other_total = other_mass.sum(-1)
+
+    safe_total = torch.where(total > 0, total, torch.ones_like(total))
+    w_own = torch.clamp(own_mass / safe_total, min=tau, max=1.0)
+    has_other = (other_total > 0) & (total > 0)
+    w_own = torch.where(has_other, w_own, torch.ones_like(w_own))
+    safe_other = torch.where(has_other, other_total, torch.ones_like(other_total))
+    weights = (1.0 - w_own)[..., None] * other_mass / safe_other[..., None]
+    weights = torch.where(own_onehot, w_own[..., None], weights)
+    return weights.to(erf.dtype if erf.is_floating_point() else torch.float32)
+
+
+def erf_heatmap_grid(
+    erf: Tensor,
+    positions: Sequence[tuple[int, int]] | None = None,
+    *,
+    region_masks: Tensor | None = None,
+    cmap: str = "inferno",
+    gap: int = 2,
+) -> np.ndarray:
+    """RGB uint8 image (for logging) tiling the ERFs of a few positions, each normalised to its own max
+    and colour-mapped with matplotlib (no pyplot, no window). Default positions: the 4 corners and the
+    centre of the feature map. With ``region_masks`` (R, H, W), region borders are drawn in white."""
+    import matplotlib  # lazy: only needed for logging
+
+    fh, fw = erf.shape[:2]
+    if positions is None:
+        positions = [(0, 0), (0, fw - 1), (fh // 2, fw // 2), (fh - 1, 0), (fh - 1, fw - 1)]
+        positions = list(dict.fromkeys(positions))
+    colormap: Callable[[np.ndarray], np.ndarray] = matplotlib.colormaps[cmap]
+    border = None
+    if region_masks is not None:
+        lab = region_masks.detach().cpu().float().argmax(0)
+        border = torch.zeros_like(lab, dtype=torch.bool)
+        border[1:] |= lab[1:] != lab[:-1]
+        border[:, 1:] |= lab[:, 1:] != lab[:, :-1]
+        border = border.numpy()
+    tiles = []
+    for j, k in positions:
+        g = erf[j, k].detach().cpu().double()
+        g = (g / g.max()).numpy() if g.max() > 0 else g.numpy()
+        rgb = (colormap(g)[..., :3] * 255).round().astype(np.uint8)
+        if border is not None:
+            rgb[border] = 255
+        tiles.append(rgb)
+    big_h, big_w = tiles[0].shape[:2]
+    grid = np.zeros((big_h, len(tiles) * (big_w + gap) - gap, 3), dtype=np.uint8)
+    for i, tile in enumerate(tiles):
+        grid[:, i * (big_w + gap) : i * (big_w + gap) + big_w] = tile
+    return grid
