@@ -1,0 +1,146 @@
+"""Shared run logic behind train.py and finetune.py: config, run folder, loggers, callbacks, Trainer.
+
+Kept out of the entry scripts so that tests can call every piece."""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from omegaconf import DictConfig
+
+from callbacks.lr_schedule import WarmupCosineLR
+from callbacks.run_artifacts import ExportBackbone, RankAudit
+from cheaplunch import REPO_ROOT
+from cheaplunch.config import save_config, to_dict
+from cheaplunch.errors import UserError
+from lightning_modules.base import batch_size_of
+
+log = logging.getLogger("cheaplunch")
+
+LOGGERS = ("wandb", "csv", "none")
+
+
+def default_run_dir(name: str) -> Path:
+    """A stable run folder (the same for every process and every restart) so that resuming works."""
+    return REPO_ROOT / "runs" / name
+
+
+def wandb_mode() -> str:
+    """'online' when an API key is configured (env or ~/.netrc), else 'offline'. WANDB_MODE wins."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (FileNotFoundError, netrc.NetrcParseError):
+        pass
+    return "offline"
+
+
+def make_logger(kind: str, run_dir: Path, cfg: DictConfig) -> Logger | bool:
+    if kind not in LOGGERS:
+        raise UserError(f"--logger must be one of {', '.join(LOGGERS)}, got '{kind}'")
+    if kind == "none":
+        return False
+    if kind == "csv":
+        return CSVLogger(save_dir=str(run_dir), name="csv", version="")
+    mode = wandb_mode()
+    if mode == "offline":
+        rank_zero_info(f"W&B: no API key configured, logging offline to {run_dir}/wandb "
+                       "(sync later with `wandb sync`)")
+    logger = WandbLogger(project=cfg.logging.project, name=cfg.logging.run_name or run_dir.name,
+                         save_dir=str(run_dir), offline=mode == "offline", id=_persistent_wandb_id(run_dir))
+    return logger
+
+
+def _persistent_wandb_id(run_dir: Path) -> str:
+    """The W&B run id, kept in the run folder so a resumed run continues the same W&B run."""
+    path = run_dir / "wandb_run_id"
+    if path.is_file():
+        return path.read_text().strip()
+    import wandb.util
+
+    run_id = wandb.util.generate_id()
+    if rank_zero_only.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(run_id + "\n")
+    return run_id
+
+
+def standard_callbacks(cfg: DictConfig, run_dir: Path, *, export: bool) -> list[Callback]:
+    """Checkpointing, LR schedule, throughput, EMA, export and audit, as configured."""
+    s = cfg.schedule
+    callbacks: list[Callback] = [
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
+                        every_n_train_steps=int(cfg.checkpoint.every_n_steps), save_last=True, save_top_k=-1),
+        WarmupCosineLR(
+            base_lr=None, name=s.name, warmup_steps=int(s.warmup_steps), warmup_epochs=s.warmup_epochs,
+            warmup_start_factor=float(s.warmup_start_factor), min_lr_factor=float(s.min_lr_factor),
+            milestones=list(s.milestones), gamma=float(s.gamma),
+        ),
+        ThroughputMonitor(batch_size_fn=batch_size_of),
+    ]
+    if cfg.ema.enabled:
+        callbacks.append(EMAWeightAveraging(decay=float(cfg.ema.decay)))
+    if export:
+        callbacks.append(ExportBackbone(run_dir))
+    if cfg.logging.audit_ranks:
+        callbacks.append(RankAudit(run_dir / "audit"))
+    return callbacks
+
+
+def apply_cli_overrides(overrides: list[str], **options: Any) -> list[str]:
+    """Turn the convenience flags (--devices, --seed, ...) into dotted overrides, placed first so that
+    explicit key=value arguments win."""
+    mapping = {"devices": "trainer.devices", "num_nodes": "trainer.num_nodes", "seed": "seed", "data": "data.root"}
+    flags = [f"{mapping[k]}={v}" for k, v in options.items() if v is not None]
+    return flags + list(overrides)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback], logger: Logger | bool) -> L.Trainer:
+    torch.set_float32_matmul_precision(str(cfg.runtime.matmul_precision))
+    trainer_kwargs = to_dict(cfg.trainer)
+    if int(trainer_kwargs.get("devices", 1) or 1) > 1 and trainer_kwargs.get("strategy") == "auto":
+        trainer_kwargs["strategy"] = "ddp"
+    try:
+        return L.Trainer(default_root_dir=str(run_dir), callbacks=list(callbacks), logger=logger, **trainer_kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"bad trainer settings in the config ({exc})") from exc
+
+
+def find_resume_checkpoint(run_dir: Path, resume: str) -> str | None:
+    """'auto': continue from checkpoints/last.ckpt when the run folder has one; 'never': start fresh;
+    otherwise a checkpoint path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            rank_zero_info(f"resuming from {last} (pass --resume never or another --out to start fresh)")
+            return str(last)
+        return None
+    if not Path(resume).is_file():
+        raise UserError(f"--resume: checkpoint not found: {resume}")
+    return resume
+
+
+@rank_zero_only
+def write_run_config(cfg: DictConfig, run_dir: Path) -> None:
+    save_config(cfg, run_dir / "config.yaml")
+
+
+def log_config(logger: Logger | bool, cfg: DictConfig) -> None:
+    if isinstance(logger, Logger):
+        logger.log_hyperparams(to_dict(cfg))

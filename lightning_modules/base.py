@@ -1,0 +1,121 @@
+"""Shared LightningModule base: owns the backbone, the optimizer (timm) and the loss bookkeeping.
+
+A method subclasses it and implements `build_heads()` and `compute_losses(batch)`; the base logs every
+loss term, stops on a non-finite loss with a clear message, and exports the backbone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+from timm.optim import create_optimizer_v2
+from torch import nn
+
+from models.backbones import create_backbone
+from models.export import export_backbone
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a loss becomes NaN/inf; the last good checkpoint is kept in the run folder."""
+
+
+def batch_size_of(batch: Any) -> int:
+    """Number of images in a batch of any of this project's batch types."""
+    if hasattr(batch, "images"):
+        return int(batch.images.shape[0])
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, (list, tuple)) and batch:
+        return batch_size_of(batch[0])
+    if isinstance(batch, dict) and "images" in batch:
+        return int(batch["images"].shape[0])
+    raise TypeError(f"cannot tell the batch size of {type(batch).__name__}")
+
+
+def global_batch_size(cfg: DictConfig, world_size: int) -> int:
+    """Images per optimizer step over all processes: batch x processes x accumulation."""
+    return int(cfg.data.batch_size) * world_size * int(cfg.trainer.accumulate_grad_batches)
+
+
+def peak_lr(cfg: DictConfig, world_size: int) -> float:
+    """The configured lr, scaled linearly with the *global* batch when optim.lr_scaling=linear
+    (Goyal et al. 2017: lr = base_lr * global_batch / reference_batch)."""
+    lr = float(cfg.optim.lr)
+    if cfg.optim.lr_scaling == "linear":
+        return lr * global_batch_size(cfg, world_size) / float(cfg.optim.reference_batch_size)
+    if cfg.optim.lr_scaling != "none":
+        raise ValueError(f"optim.lr_scaling must be 'none' or 'linear', got '{cfg.optim.lr_scaling}'")
+    return lr
+
+
+class PretrainModule(L.LightningModule):
+    """Base for pre-training methods. Subclasses set `self.backbone` (a timm model) in __init__ or call
+    `super().__init__(cfg)` which creates it from `cfg.model.arch`."""
+
+    def __init__(self, cfg: DictConfig | dict) -> None:
+        super().__init__()
+        cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+        self.cfg = cfg
+        self.save_hyperparameters({"config": OmegaConf.to_container(cfg, resolve=True)})
+        self.arch: str = cfg.model.arch
+        self.backbone: nn.Module = create_backbone(self.arch, **dict(cfg.model.get("backbone_kwargs", {}) or {}))
+        self._heads_built = False
+        self.peak_lr: float = float(cfg.optim.lr)
+
+    # ---- hooks for subclasses -------------------------------------------------------------
+    def build_heads(self) -> None:
+        """Create layers that need the data (number of classes); called once from configure_model."""
+
+    def compute_losses(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Return {"loss": total, "<term>": value, ...}; every entry is logged as train/<name>."""
+        raise NotImplementedError
+
+    # ---- Lightning ----------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self._heads_built:
+            return
+        self.build_heads()
+        self._heads_built = True
+        if self.cfg.runtime.channels_last:
+            self.to(memory_format=torch.channels_last)
+        if self.cfg.runtime.compile:
+            self.backbone.compile()  # in place: state_dict keys stay timm's
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        losses = self.compute_losses(batch)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.global_step} ({terms}); lower optim.lr or check the data. "
+                "The last good checkpoint is in the run folder's checkpoints/."
+            )
+        bs = batch_size_of(batch)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value.detach(), on_step=True, on_epoch=False, prog_bar=name == "loss",
+                     batch_size=bs, sync_dist=False)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        world = self.trainer.world_size if self._trainer is not None else 1
+        self.peak_lr = peak_lr(self.cfg, world)
+        kwargs: dict[str, Any] = {}
+        name = str(o.name).lower()
+        if name in ("sgd", "nesterov", "momentum"):
+            kwargs["momentum"] = float(o.momentum)
+        elif "adam" in name or "lamb" in name:
+            kwargs["betas"] = tuple(o.betas)
+        return create_optimizer_v2(
+            self, opt=name, lr=self.peak_lr, weight_decay=float(o.weight_decay),
+            filter_bias_and_bn=bool(o.no_decay_bias_norm), layer_decay=o.get("layer_decay"), **kwargs,
+        )
+
+    # ---- export -------------------------------------------------------------------------
+    def export_backbone(self, out_dir: Path | str, **meta: Any) -> Path:
+        return export_backbone(self.backbone, self.arch, out_dir, method=type(self).__name__,
+                               global_step=int(self.global_step), **meta)

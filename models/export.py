@@ -1,0 +1,64 @@
+"""Exported backbone format: `backbone.pt` (a plain state_dict in timm key layout, loadable with
+`torch.load(..., weights_only=True)`) + `backbone.json` naming the architecture and its origin."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cheaplunch.errors import UserError
+
+FORMAT_VERSION = 1
+
+
+def export_backbone(backbone: nn.Module, arch: str, out_dir: Path | str, **meta: Any) -> Path:
+    """Write `backbone.pt` and `backbone.json` into out_dir; returns the .pt path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
+    torch.save(state, out_dir / "backbone.pt")
+    info = {"format_version": FORMAT_VERSION, "library": "timm", "arch": arch,
+            "num_parameters": sum(v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k)}
+    info.update(meta)
+    (out_dir / "backbone.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    return out_dir / "backbone.pt"
+
+
+def read_backbone(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read an exported backbone (the .pt file or the folder holding it) -> (state_dict, info)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "backbone.pt"
+    if not path.is_file():
+        raise UserError(f"backbone file not found: {path}")
+    info_path = path.with_suffix(".json")
+    if not info_path.is_file():
+        raise UserError(f"{path}: missing {info_path.name} beside it (it names the architecture)")
+    try:
+        info = json.loads(info_path.read_text())
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{path}: cannot read exported backbone ({exc})") from exc
+    if not isinstance(state, dict) or "arch" not in info:
+        raise UserError(f"{path}: not an exported backbone (expected a state_dict and an 'arch' in {info_path.name})")
+    return state, info
+
+
+def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str, ignore_prefixes: tuple[str, ...] = ()) -> None:
+    """Load `state` into `module`, failing with a list of missing/unexpected/mis-shaped keys instead of a
+    silent partial load. Keys starting with an entry of `ignore_prefixes` are allowed to be missing."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(ignore_prefixes)]
+    unexpected = [k for k in state if k not in own]
+    shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shape:
+        parts = []
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shape)):
+            if keys:
+                parts.append(f"{title} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+        raise UserError(f"{source}: weights do not match the model; " + "; ".join(parts))
+    module.load_state_dict(state, strict=False)
