@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class DataError(UserError):
     """A dataset file is missing, corrupt or malformed; the message names the file."""
+
+
+class DataWarning(UserWarning):
+    """Something in a dataset was repaired or skipped (e.g. boxes clipped to the image); training goes on."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -70,9 +71,7 @@ def _persistent_wandb_id(run_dir: Path) -> str:
     path = run_dir / "wandb_run_id"
     if path.is_file():
         return path.read_text().strip()
-    import wandb.util
-
-    run_id = wandb.util.generate_id()
+    run_id = secrets.token_hex(4)  # W&B ids: short lowercase alphanumerics
     if rank_zero_only.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(run_id + "\n")

@@ -1,0 +1,56 @@
+"""Exported backbone: round trip into a plain timm model, weights_only loading, clear mismatch errors."""
+
+import json
+
+import pytest
+import timm
+import torch
+
+from cheaplunch.errors import UserError
+from models.backbones import create_backbone
+from models.export import export_backbone, load_state_strict, read_backbone
+
+
+def test_round_trip_into_plain_timm(tmp_path):
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet18")
+    export_backbone(backbone, "resnet18", tmp_path, method="test")
+    info = json.loads((tmp_path / "backbone.json").read_text())
+    assert info["arch"] == "resnet18" and info["method"] == "test"
+    state = torch.load(tmp_path / "backbone.pt", weights_only=True)  # plain tensors only
+    plain = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    plain.load_state_dict(state, strict=True)  # timm key layout, nothing missing
+    x = torch.randn(2, 3, 64, 64)
+    backbone.eval()
+    plain.eval()
+    torch.testing.assert_close(plain.forward_features(x), backbone(x))
+    state2, info2 = read_backbone(tmp_path)
+    assert info2 == info and state2.keys() == state.keys()
+
+
+def test_mismatch_lists_missing_keys(tmp_path):
+    export_backbone(create_backbone("resnet18"), "resnet18", tmp_path)
+    state, _ = read_backbone(tmp_path / "backbone.pt")
+    with pytest.raises(UserError, match=r"missing \(\d+\): .*layer1\.2"):
+        load_state_strict(create_backbone("resnet34"), state, "backbone.pt")
+    del state["conv1.weight"]
+    with pytest.raises(UserError, match="missing.*conv1.weight"):
+        load_state_strict(create_backbone("resnet18"), state, "backbone.pt")
+
+
+def test_read_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        read_backbone(tmp_path / "nope.pt")
+    (tmp_path / "backbone.pt").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="backbone.json"):
+        read_backbone(tmp_path)
+    (tmp_path / "backbone.json").write_text('{"arch": "resnet18"}')
+    with pytest.raises(UserError, match="cannot read"):
+        read_backbone(tmp_path)
+
+
+def test_pretrained_fails_clearly_offline():
+    with pytest.raises(UserError, match="no internet"):
+        create_backbone("resnet18", pretrained=True)
+    with pytest.raises(UserError, match="unknown timm architecture"):
+        create_backbone("resnet_nonexistent")
