@@ -1,0 +1,632 @@
+"""The embedded default dataset: real photo cut-outs composited onto real photo backgrounds.
+
+Objects are the photographic Tux Paint stamps listed in ``datamodules/stamps.tsv`` (curated by
+``scripts/curate_stamps.py`` from the Debian package ``tuxpaint-stamps-default``, GPL-2), one of 10
+classes each. Backgrounds are random crops (with flips and colour jitter) of photos bundled with
+scikit-image and scikit-learn and of ``mate-backgrounds``' nature photos. Backgrounds whose subject is
+one of the 10 classes (the cat ``chelsea``, the ``motorcycle``, the ``coffee`` cup, sklearn's
+``flower.jpg``, mate's flower / ladybird / dandelion photos) are left out: they would put an
+unannotated object of a known class into the "background".
+
+Each image gets 1..``max_objects`` pasted objects (class drawn uniformly, then a stamp of that class;
+random scale, horizontal flip, brightness, position; up to a quarter of an object may lie outside the
+image; later objects may occlude earlier ones). Annotations are recomputed from what is visible:
+
+- instance mask of object i = (its alpha >= 0.5) minus the masks (alpha >= 0.5) of all objects pasted
+  after it; COCO ``segmentation`` is that mask as compressed RLE, ``bbox`` its tight box (x, y, w, h),
+  ``area`` its pixel count. Objects whose visible part is tiny (< ``min_visible_area`` of the image or
+  < ``min_visible_fraction`` of the object) are not annotated.
+- semantic label PNG: 0 background, 1..10 = COCO category id of the visible object, 255 ignore. Ignore
+  marks (a) the soft alpha edge of each object, 0.1 < alpha < 0.9, where no later object covers it
+  (the pixel mixes object and what is behind it) and (b) the visible pixels of not-annotated objects.
+  So every pixel with a class value k lies inside an annotated instance of category k.
+
+Train and val use disjoint stamps (every 5th stamp of each class is val-only), so validation measures
+recognition of unseen object instances. Everything is drawn from ``numpy.random.default_rng((seed,
+split, index))``: the same settings give byte-identical JSON and identical pixels.
+
+Layout written (the project layout; see ``datamodules.layout``)::
+
+    DIR/images/{train,val}/000001.jpg
+    DIR/annotations/instances_{train,val}.json
+    DIR/masks/{train,val}/000001.png
+    DIR/build_info.json          settings of the build; a build with equal settings is a no-op
+
+CLI::
+
+    python -m datamodules.embedded --out data/embedded [--size 300] [--seed 0] [--image-size 256]
+    python -m datamodules.embedded --out data/embedded --preview preview.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from cheaplunch import DEFAULT_DATA_DIR
+from cheaplunch.errors import DataError, UserError
+from datamodules.transforms import color_jitter, random_crop_resize, resize
+
+STAMP_ROOT = Path("/usr/share/tuxpaint/stamps")
+MATE_NATURE_DIR = Path("/usr/share/backgrounds/mate/nature")
+STAMP_LIST = Path(__file__).with_name("stamps.tsv")
+INSTALL_COMMAND = "apt-get install -y tuxpaint-stamps-default mate-backgrounds"
+
+CLASSES: tuple[str, ...] = (
+    "mammal", "bird", "fish", "insect", "flower", "plant", "fruit", "vegetable", "vehicle", "household",
+)
+BUILDER_VERSION = 1
+ALPHA_THRESHOLD = 0.5  # alpha >= this is part of the object's mask
+SOFT_BAND = (0.1, 0.9)  # alpha strictly inside this band is a mixed pixel -> 255 in the semantic PNG
+IGNORE_INDEX = 255
+SPLITS = ("train", "val")
+_SPLIT_CODE = {"train": 1, "val": 2}
+VAL_STAMP_EVERY = 5  # every 5th stamp of a class is reserved for val
+
+MATE_BACKGROUNDS = ("Aqua.jpg", "Blinds.jpg", "Dune.jpg", "GreenMeadow.jpg", "RainDrops.jpg", "Storm.jpg", "Wood.jpg")
+SKIMAGE_BACKGROUNDS = (
+    "astronaut.png", "rocket.jpg", "hubble_deep_field.jpg", "camera.png", "moon.png",
+    "brick.png", "grass.png", "gravel.png",
+)
+SKLEARN_BACKGROUNDS = ("china.jpg",)
+
+
+# ----------------------------------------------------------------------------------------- stamps
+@dataclass(frozen=True)
+class StampEntry:
+    path: str  # relative to STAMP_ROOT
+    cls: str
+
+
+def read_stamp_list(path: Path = STAMP_LIST) -> list[StampEntry]:
+    """The curated stamps, in file order (``#`` comments and the ``path<TAB>class`` header skipped)."""
+    entries = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip() or line.startswith("#") or line == "path\tclass":
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2 or parts[1] not in CLASSES:
+            raise DataError(f"{path}:{n}: expected '<path>\\t<class in {CLASSES}>', got {line!r}")
+        entries.append(StampEntry(parts[0], parts[1]))
+    return entries
+
+
+def load_stamp_rgba(path: Path) -> np.ndarray | None:
+    """A stamp as HxWx4 uint8 RGBA, or None if it has no transparency (then it is not a cut-out)."""
+    try:
+        with Image.open(path) as im:
+            has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+            if not has_alpha:
+                return None
+            return np.asarray(im.convert("RGBA"))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read stamp ({exc})") from exc
+
+
+def colour_richness(rgba: np.ndarray) -> float:
+    """Unique colours (5 bits per channel) inside the alpha >= 128 mask / sqrt(mask area).
+
+    Flat-shaded drawings score below 2, photographs above (the curation filter)."""
+    mask = rgba[..., 3] >= 128
+    area = int(mask.sum())
+    if area == 0:
+        return 0.0
+    q = (rgba[..., :3][mask] >> 3).astype(np.int32)
+    unique = np.unique((q[:, 0] << 10) | (q[:, 1] << 5) | q[:, 2]).size
+    return float(unique / np.sqrt(area))
+
+
+def split_stamps(stamps: list[StampEntry]) -> dict[str, dict[int, list[int]]]:
+    """Per split, class index -> indices into ``stamps``. Every ``VAL_STAMP_EVERY``-th stamp of a class
+    (in list order) is val-only; a class with 2..4 stamps gives its last one to val."""
+    pools: dict[str, dict[int, list[int]]] = {s: {} for s in SPLITS}
+    for label, cls in enumerate(CLASSES):
+        members = [i for i, s in enumerate(stamps) if s.cls == cls]
+        for k, i in enumerate(members):
+            to_val = k % VAL_STAMP_EVERY == VAL_STAMP_EVERY - 1 or (
+                1 < len(members) < VAL_STAMP_EVERY and k == len(members) - 1
+            )
+            pools["val" if to_val else "train"].setdefault(label, []).append(i)
+    return pools
+
+
+# ------------------------------------------------------------------------------------ backgrounds
+@dataclass
+class Background:
+    name: str
+    image: np.ndarray  # HxWx3 uint8 RGB
+    gray: bool  # a grey texture: tinted with a random colour when used
+
+
+def _read_background(path: Path, reduce: bool = False) -> np.ndarray:
+    flags = cv2.IMREAD_REDUCED_COLOR_2 if reduce else cv2.IMREAD_COLOR
+    img = cv2.imread(str(path), flags)
+    if img is None:
+        raise DataError(f"{path}: cannot read background image")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def background_sources() -> list[tuple[str, Path]]:
+    """(name, path) of every background photo, in a fixed order; raises if mate-backgrounds is missing."""
+    import skimage.data
+    import sklearn.datasets
+
+    sources = []
+    missing = [n for n in MATE_BACKGROUNDS if not (MATE_NATURE_DIR / n).is_file()]
+    if missing:
+        raise DataError(
+            f"background photos missing from {MATE_NATURE_DIR} ({', '.join(missing)}): install the Debian "
+            f"packages (as root): {INSTALL_COMMAND}"
+        )
+    sources += [(f"mate/{n}", MATE_NATURE_DIR / n) for n in MATE_BACKGROUNDS]
+    sk_dir = Path(skimage.data.__file__).parent
+    sources += [(f"skimage/{n}", sk_dir / n) for n in SKIMAGE_BACKGROUNDS if (sk_dir / n).is_file()]
+    sl_dir = Path(sklearn.datasets.__file__).parent / "images"
+    sources += [(f"sklearn/{n}", sl_dir / n) for n in SKLEARN_BACKGROUNDS if (sl_dir / n).is_file()]
+    return sources
+
+
+def load_backgrounds() -> list[Background]:
+    out = []
+    for name, path in background_sources():
+        img = _read_background(path, reduce=name.startswith("mate/"))  # mate photos are 1280..2560 px wide
+        gray = bool(np.abs(img[..., 0].astype(np.int16) - img[..., 2]).max() <= 2)
+        out.append(Background(name, img, gray))
+    return out
+
+
+# ------------------------------------------------------------------------------------ compositing
+@dataclass
+class Layer:
+    """One object to paste: ``rgba`` is float32 (h, w, 4), RGB premultiplied by alpha (0..255) and
+    alpha in 0..1; (x, y) is its top-left corner on the canvas (may be negative or overflow)."""
+
+    rgba: np.ndarray
+    x: int
+    y: int
+    label: int  # class index 0..C-1
+    stamp: str = ""
+
+
+@dataclass
+class PastedObject:
+    label: int
+    stamp: str
+    alpha: np.ndarray  # (H, W) float32, this object's alpha on the canvas
+    mask: np.ndarray  # (H, W) bool, alpha >= ALPHA_THRESHOLD
+    visible: np.ndarray  # (H, W) bool, mask minus the masks of all later objects
+    keep: bool  # annotated (visible part large enough)
+
+
+@dataclass
+class Composite:
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    semantic: np.ndarray  # (H, W) uint8: 0 background, 1..C class, 255 ignore
+    objects: list[PastedObject]
+
+
+def composite(
+    background: np.ndarray,
+    layers: list[Layer],
+    min_visible_area: int = 0,
+    min_visible_fraction: float = 0.0,
+) -> Composite:
+    """Paste ``layers`` in order onto ``background`` and derive exact visible masks and labels."""
+    height, width = background.shape[:2]
+    canvas = background.astype(np.float32)
+    alphas = []
+    for layer in layers:
+        a_full = np.zeros((height, width), np.float32)
+        h, w = layer.rgba.shape[:2]
+        x0, y0 = max(layer.x, 0), max(layer.y, 0)
+        x1, y1 = min(layer.x + w, width), min(layer.y + h, height)
+        if x1 > x0 and y1 > y0:
+            src = layer.rgba[y0 - layer.y:y1 - layer.y, x0 - layer.x:x1 - layer.x]
+            a = src[..., 3]
+            a_full[y0:y1, x0:x1] = a
+            region = canvas[y0:y1, x0:x1]
+            region *= (1.0 - a)[..., None]
+            region += src[..., :3]
+        alphas.append(a_full)
+    image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+
+    objects: list[PastedObject] = [None] * len(layers)  # type: ignore[list-item]
+    covered = np.zeros((height, width), bool)
+    soft_ignore = np.zeros((height, width), bool)
+    for i in reversed(range(len(layers))):
+        a = alphas[i]
+        mask = a >= ALPHA_THRESHOLD
+        visible = mask & ~covered
+        soft_ignore |= (a > SOFT_BAND[0]) & (a < SOFT_BAND[1]) & ~covered
+        covered |= mask
+        n_vis = int(visible.sum())
+        keep = n_vis > 0 and n_vis >= min_visible_area and n_vis >= min_visible_fraction * int(mask.sum())
+        objects[i] = PastedObject(layers[i].label, layers[i].stamp, a, mask, visible, keep)
+
+    semantic = np.zeros((height, width), np.uint8)
+    for obj in objects:
+        semantic[obj.visible] = obj.label + 1 if obj.keep else IGNORE_INDEX
+    semantic[soft_ignore] = IGNORE_INDEX
+    return Composite(image, semantic, objects)
+
+
+def coco_annotation(obj: PastedObject) -> dict:
+    """COCO fields of one visible instance: RLE segmentation, tight bbox, area."""
+    rle = mask_utils.encode(np.asfortranarray(obj.visible.astype(np.uint8)))
+    bbox = [int(v) for v in mask_utils.toBbox(rle)]
+    return {
+        "category_id": obj.label + 1,
+        "bbox": bbox,
+        "area": int(mask_utils.area(rle)),
+        "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
+        "iscrowd": 0,
+    }
+
+
+# ------------------------------------------------------------------------------------ the builder
+@dataclass(frozen=True)
+class EmbeddedConfig:
+    size: int = 300  # train images
+    val_size: int | None = None  # default: 20% of size (at least 1)
+    seed: int = 0
+    image_size: int = 256
+    max_objects: int = 6
+    scale: tuple[float, float] = (0.18, 0.6)  # object's long side / image side, log-uniform
+    max_upscale: float = 2.0  # a small stamp is enlarged at most this much
+    min_visible_area: float = 0.001  # of the image, below which an object is not annotated
+    min_visible_fraction: float = 0.15  # of the object's own mask, below which it is not annotated
+    jpeg_quality: int = 92  # written with 4:4:4 chroma (no subsampling: crisp object edges)
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> EmbeddedConfig:
+        """The config recorded in a ``build_info.json`` (to re-draw a built image, e.g. in tests)."""
+        kwargs = {k: settings[k] for k in cls.__dataclass_fields__ if k in settings}
+        kwargs["scale"] = tuple(kwargs.get("scale", cls.scale))
+        return cls(**kwargs)
+
+    def n_images(self, split: str) -> int:
+        if split == "train":
+            return self.size
+        return self.val_size if self.val_size is not None else max(1, round(0.2 * self.size))
+
+
+@dataclass
+class Compositor:
+    """Draws the random layout of image ``index`` of a split; stamps are decoded once, on first use."""
+
+    cfg: EmbeddedConfig
+    stamps: list[StampEntry]
+    backgrounds: list[Background]
+    stamp_root: Path = STAMP_ROOT
+    _cache: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.pools = split_stamps(self.stamps)
+
+    def stamp(self, i: int) -> np.ndarray:
+        """Stamp ``i`` cropped to its alpha, at most ``image_size`` on its long side, premultiplied float32."""
+        if i not in self._cache:
+            path = self.stamp_root / self.stamps[i].path
+            if not path.is_file():
+                raise DataError(
+                    f"stamp {path} listed in {STAMP_LIST.name} is missing: install (as root) "
+                    f"{INSTALL_COMMAND}, or re-run scripts/curate_stamps.py for this package version"
+                )
+            rgba = load_stamp_rgba(path)
+            if rgba is None:
+                raise DataError(f"stamp {path} has no alpha channel")
+            ys, xs = np.nonzero(rgba[..., 3])
+            rgba = rgba[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+            h, w = rgba.shape[:2]
+            s = min(1.0, self.cfg.image_size / max(h, w))
+            # premultiply before resampling so that transparent pixels do not bleed dark fringes
+            a = rgba[..., 3:4].astype(np.float32) / 255.0
+            out = np.concatenate([rgba[..., :3].astype(np.float32) * a, a], axis=2)
+            if s < 1.0:
+                out = resize(out, max(2, round(w * s)), max(2, round(h * s)))
+            self._cache[i] = out
+        return self._cache[i]
+
+    def background(self, rng: np.random.Generator) -> np.ndarray:
+        bg = self.backgrounds[int(rng.integers(len(self.backgrounds)))]
+        img = random_crop_resize(bg.image, self.cfg.image_size, rng)
+        if rng.random() < 0.5:
+            img = img[:, ::-1]
+        if bg.gray:
+            img = np.clip(img * rng.uniform(0.55, 1.25, size=3).astype(np.float32), 0, 255).astype(np.uint8)
+        return color_jitter(np.ascontiguousarray(img), rng)
+
+    def layers(self, rng: np.random.Generator, split: str) -> list[Layer]:
+        size = self.cfg.image_size
+        pool = self.pools[split]
+        labels = sorted(pool)
+        out = []
+        for _ in range(int(rng.integers(1, self.cfg.max_objects + 1))):
+            label = labels[int(rng.integers(len(labels)))]
+            idx = pool[label][int(rng.integers(len(pool[label])))]
+            rgba = self.stamp(idx)
+            h, w = rgba.shape[:2]
+            long_side = size * np.exp(rng.uniform(np.log(self.cfg.scale[0]), np.log(self.cfg.scale[1])))
+            s = min(long_side / max(h, w), self.cfg.max_upscale)
+            nw, nh = max(2, round(w * s)), max(2, round(h * s))
+            obj = resize(rgba, nw, nh)
+            if rng.random() < 0.5:
+                obj = obj[:, ::-1]
+            obj = np.ascontiguousarray(obj)
+            obj[..., :3] *= rng.uniform(0.85, 1.15)
+            x = int(rng.integers(-(nw // 4), size - nw + nw // 4 + 1))
+            y = int(rng.integers(-(nh // 4), size - nh + nh // 4 + 1))
+            out.append(Layer(obj, x, y, label, self.stamps[idx].path))
+        return out
+
+    def sample(self, split: str, index: int) -> Composite:
+        rng = np.random.default_rng((self.cfg.seed, _SPLIT_CODE[split], index))
+        bg = self.background(rng)
+        layers = self.layers(rng, split)
+        min_area = self.cfg.min_visible_area * self.cfg.image_size**2
+        return composite(bg, layers, min_area, self.cfg.min_visible_fraction)
+
+
+def check_system_data() -> None:
+    """Fail with the install command when the Debian packages are missing."""
+    if not STAMP_ROOT.is_dir():
+        raise DataError(
+            f"Tux Paint stamps not found at {STAMP_ROOT}: the embedded dataset needs the Debian packages; "
+            f"install them (as root): {INSTALL_COMMAND}"
+        )
+    if not MATE_NATURE_DIR.is_dir():
+        raise DataError(
+            f"MATE background photos not found at {MATE_NATURE_DIR}: the embedded dataset needs the Debian "
+            f"packages; install them (as root): {INSTALL_COMMAND}"
+        )
+
+
+def build_settings(cfg: EmbeddedConfig, backgrounds: list[str]) -> dict:
+    settings = asdict(cfg)
+    settings["scale"] = list(cfg.scale)
+    settings["val_size"] = cfg.n_images("val")
+    settings["builder_version"] = BUILDER_VERSION
+    settings["stamps_sha256"] = hashlib.sha256(STAMP_LIST.read_bytes()).hexdigest()
+    settings["backgrounds"] = backgrounds
+    return settings
+
+
+def _coco_header(split: str, cfg: EmbeddedConfig) -> dict:
+    return {
+        "info": {
+            "description": f"cheaplunch embedded dataset ({split}): Tux Paint photo stamps on real photos",
+            "version": str(BUILDER_VERSION),
+            "seed": cfg.seed,
+        },
+        "licenses": [{"id": 1, "name": "GPL-2.0 (tuxpaint-stamps), backgrounds: see their packages", "url": ""}],
+        "categories": [{"id": i + 1, "name": c, "supercategory": "object"} for i, c in enumerate(CLASSES)],
+    }
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Serialise builds of one directory across processes (parallel test runs, DDP ranks)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".build.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _outputs(root: Path) -> list[Path]:
+    return [root / "images" / s for s in SPLITS] + [root / "masks" / s for s in SPLITS] + [
+        root / "annotations" / f"instances_{s}.json" for s in SPLITS
+    ]
+
+
+def read_build_info(root: Path) -> dict | None:
+    path = Path(root) / "build_info.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_built(root: Path, settings: dict) -> bool:
+    info = read_build_info(root)
+    return bool(
+        info and info.get("complete") and info.get("settings") == settings
+        and all(p.exists() for p in _outputs(Path(root)))
+    )
+
+
+def build_embedded(
+    out_dir: str | Path = DEFAULT_DATA_DIR,
+    size: int = 300,
+    seed: int = 0,
+    image_size: int = 256,
+    force: bool = False,
+    *,
+    val_size: int | None = None,
+    max_objects: int = 6,
+    progress: bool = True,
+) -> Path:
+    """Build the embedded dataset into ``out_dir`` (project layout) and return ``out_dir``.
+
+    A no-op when ``out_dir/build_info.json`` records a complete build with the same settings (sizes,
+    seed, image size, stamp list hash, builder version); ``force`` rebuilds anyway. Refuses to write
+    into a non-empty folder that is not an embedded build unless ``force``."""
+    if size < 1 or image_size < 32 or max_objects < 1:
+        raise UserError(f"embedded dataset: need size >= 1, image_size >= 32, max_objects >= 1 "
+                        f"(got {size}, {image_size}, {max_objects})")
+    root = Path(out_dir)
+    cfg = EmbeddedConfig(size=size, val_size=val_size, seed=seed, image_size=image_size, max_objects=max_objects)
+    check_system_data()
+    with _locked(root):
+        backgrounds = load_backgrounds()
+        settings = build_settings(cfg, [b.name for b in backgrounds])
+        if not force and is_built(root, settings):
+            return root
+        if read_build_info(root) is None and any(p.exists() for p in _outputs(root)) and not force:
+            raise UserError(f"{root} holds a dataset that was not built by datamodules.embedded (no build_info.json); "
+                            "choose another --out or pass --force to overwrite its images/, masks/, annotations/")
+        _build(root, cfg, settings, backgrounds, progress)
+    return root
+
+
+def _build(root: Path, cfg: EmbeddedConfig, settings: dict, backgrounds: list[Background], progress: bool) -> None:
+    from tqdm import tqdm
+
+    info_path = root / "build_info.json"
+    info_path.write_text(json.dumps({"settings": settings, "complete": False}, indent=1))
+    for p in _outputs(root):
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    stamps = read_stamp_list()
+    compositor = Compositor(cfg, stamps, backgrounds)
+    start = time.perf_counter()
+    counts = {}
+    total = sum(cfg.n_images(s) for s in SPLITS)
+    with tqdm(total=total, desc=f"embedded dataset -> {root}", unit="img", disable=not progress) as bar:
+        for split in SPLITS:
+            img_dir, mask_dir = root / "images" / split, root / "masks" / split
+            img_dir.mkdir(parents=True)
+            mask_dir.mkdir(parents=True)
+            coco = _coco_header(split, cfg)
+            images, annotations = [], []
+            for index in range(cfg.n_images(split)):
+                comp = compositor.sample(split, index)
+                stem = f"{index + 1:06d}"
+                ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(comp.image, cv2.COLOR_RGB2BGR),
+                                       [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality,
+                                        cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])
+                ok2, png = cv2.imencode(".png", comp.semantic)
+                if not (ok and ok2):
+                    raise DataError(f"could not encode image {stem} of {root}")
+                (img_dir / f"{stem}.jpg").write_bytes(jpg.tobytes())
+                (mask_dir / f"{stem}.png").write_bytes(png.tobytes())
+                images.append({"id": index + 1, "file_name": f"{stem}.jpg",
+                               "width": cfg.image_size, "height": cfg.image_size})
+                for obj in comp.objects:
+                    if obj.keep:
+                        ann = coco_annotation(obj)
+                        annotations.append({"id": len(annotations) + 1, "image_id": index + 1, **ann,
+                                            "stamp": obj.stamp})
+                bar.update(1)
+            coco["images"], coco["annotations"] = images, annotations
+            ann_dir = root / "annotations"
+            ann_dir.mkdir(exist_ok=True)
+            (ann_dir / f"instances_{split}.json").write_text(json.dumps(coco, separators=(",", ":")))
+            counts[split] = {"images": len(images), "annotations": len(annotations)}
+    info = {"settings": settings, "complete": True, "counts": counts, "classes": list(CLASSES),
+            "seconds": round(time.perf_counter() - start, 2)}
+    info_path.write_text(json.dumps(info, indent=1))
+
+
+# ------------------------------------------------------------------------------------ preview
+_PALETTE = np.array([
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+], np.uint8)
+
+
+def colorize_semantic(semantic: np.ndarray) -> np.ndarray:
+    """0 black, class k the palette colour of category k, 255 white."""
+    out = np.zeros((*semantic.shape, 3), np.uint8)
+    for k in range(1, len(CLASSES) + 1):
+        out[semantic == k] = _PALETTE[(k - 1) % len(_PALETTE)]
+    out[semantic == IGNORE_INDEX] = 255
+    return out
+
+
+def write_preview(root: str | Path, out_png: str | Path, split: str = "train", count: int = 8,
+                  columns: int = 2) -> Path:
+    """Grid of ``count`` images of ``split``, read back from the written files. Each row shows the photo
+    with boxes and class names, its instance masks (one colour per instance on the greyed photo) and
+    its semantic label PNG (colour per class, white = 255 ignore)."""
+    from pycocotools.coco import COCO
+
+    root = Path(root)
+    with contextlib.redirect_stdout(None):
+        coco = COCO(str(root / "annotations" / f"instances_{split}.json"))
+    names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
+    tiles = []
+    for img_id in sorted(coco.getImgIds())[:count]:
+        info = coco.loadImgs(img_id)[0]
+        img = cv2.cvtColor(cv2.imread(str(root / "images" / split / info["file_name"])), cv2.COLOR_BGR2RGB)
+        sem = cv2.imread(str(root / "masks" / split / (Path(info["file_name"]).stem + ".png")), cv2.IMREAD_UNCHANGED)
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=img_id))
+        boxes = img.copy()
+        masks = np.repeat(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None] // 2, 3, axis=2)
+        for k, ann in enumerate(anns):
+            colour = _PALETTE[k % len(_PALETTE)]
+            masks[coco.annToMask(ann).astype(bool)] = colour
+            x, y, w, h = (int(round(v)) for v in ann["bbox"])
+            c = tuple(int(v) for v in colour)
+            cv2.rectangle(boxes, (x, y), (x + w - 1, y + h - 1), c, 1)
+            cv2.rectangle(masks, (x, y), (x + w - 1, y + h - 1), c, 1)
+            label = names[ann["category_id"]]
+            (tw, th), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)
+            ty = max(y, th + 2)
+            cv2.rectangle(boxes, (x, ty - th - 2), (x + tw + 2, ty), c, -1)
+            cv2.putText(boxes, label, (x + 1, ty - 2), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        gap = np.full((img.shape[0], 3, 3), 255, np.uint8)
+        row = np.hstack([boxes, gap, masks, gap, colorize_semantic(sem)])
+        tiles.append(np.pad(row, ((4, 4), (6, 6), (0, 0))))
+    if not tiles:
+        raise DataError(f"{root}: no images in split {split!r} to preview")
+    while len(tiles) % columns:
+        tiles.append(np.zeros_like(tiles[0]))
+    grid = np.vstack([np.hstack(tiles[i:i + columns]) for i in range(0, len(tiles), columns)])
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(out_png), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+    return out_png
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m datamodules.embedded",
+        description="Build the embedded real-photo detection/segmentation dataset (cached by settings).",
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_DATA_DIR, help="dataset folder (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=300, help="number of train images (val: 20%% more)")
+    parser.add_argument("--val-size", type=int, default=None, help="number of val images (default: 20%% of --size)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=256, help="side of the square images in pixels")
+    parser.add_argument("--max-objects", type=int, default=6, help="objects per image: 1..this")
+    parser.add_argument("--force", action="store_true", help="rebuild even if a build with these settings exists")
+    parser.add_argument("--preview", type=Path, metavar="FILE.png",
+                        help="write a grid of images with boxes, class names and masks")
+    parser.add_argument("--preview-split", choices=SPLITS, default="train")
+    parser.add_argument("--preview-count", type=int, default=8)
+    args = parser.parse_args(argv)
+    try:
+        start = time.perf_counter()
+        root = build_embedded(args.out, size=args.size, seed=args.seed, image_size=args.image_size,
+                              force=args.force, val_size=args.val_size, max_objects=args.max_objects)
+        info = read_build_info(root) or {}
+        print(f"embedded dataset at {root} ({info.get('counts')}; {time.perf_counter() - start:.1f} s)")
+        if args.preview:
+            print(f"preview -> {write_preview(root, args.preview, args.preview_split, args.preview_count)}")
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
