@@ -1,0 +1,102 @@
+"""Where a dataset's splits live: turn ``--data PATH`` (or nothing) into explicit paths.
+
+Accepted:
+
+- nothing (``None``): the embedded default at ``cheaplunch.DEFAULT_DATA_DIR``, built on demand (cached);
+- a folder in the project layout::
+
+      ROOT/images/{train,val}/            ROOT/annotations/instances_{train,val}.json
+      ROOT/masks/{train,val}/             (optional: semantic label PNGs, one per image stem)
+
+- a folder in COCO's own layout: ``train2017/``, ``val2017/``, ``annotations/instances_{train,val}2017.json``;
+- a small YAML file naming the paths (relative to the YAML's folder)::
+
+      train_images: images/train
+      val_images: images/val
+      train_ann: annotations/train.json
+      val_ann: annotations/val.json
+      train_masks: masks/train      # optional
+      val_masks: masks/val          # optional
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cheaplunch.errors import UserError
+
+
+@dataclass
+class DatasetPaths:
+    root: Path
+    train_images: Path
+    val_images: Path
+    train_ann: Path
+    val_ann: Path
+    train_masks: Path | None
+    val_masks: Path | None
+
+
+_PROJECT = ("images/train", "images/val", "annotations/instances_train.json", "annotations/instances_val.json")
+_COCO = ("train2017", "val2017", "annotations/instances_train2017.json", "annotations/instances_val2017.json")
+_YAML_REQUIRED = ("train_images", "val_images", "train_ann", "val_ann")
+_YAML_OPTIONAL = ("train_masks", "val_masks")
+
+
+def _masks(root: Path, split: str) -> Path | None:
+    d = root / "masks" / split
+    return d if d.is_dir() else None
+
+
+def _from_yaml(path: Path) -> DatasetPaths:
+    from omegaconf import OmegaConf
+
+    try:
+        spec = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as exc:  # yaml errors come in several types
+        raise UserError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(spec, dict):
+        raise UserError(f"{path}: expected a mapping with keys {', '.join(_YAML_REQUIRED + _YAML_OPTIONAL)}")
+    unknown = sorted(set(spec) - set(_YAML_REQUIRED + _YAML_OPTIONAL))
+    missing = [k for k in _YAML_REQUIRED if k not in spec]
+    if unknown or missing:
+        raise UserError(f"{path}: missing keys {missing}, unknown keys {unknown}; "
+                        f"expected {', '.join(_YAML_REQUIRED)} and optionally {', '.join(_YAML_OPTIONAL)}")
+    base = path.parent
+    paths = {k: (base / str(v)) if spec.get(k) is not None else None for k, v in spec.items()}
+    absent = [f"{k}: {p}" for k, p in paths.items() if p is not None and not p.exists()]
+    if absent:
+        raise UserError(f"{path}: these paths do not exist: {'; '.join(absent)}")
+    return DatasetPaths(root=base, train_masks=paths.get("train_masks"), val_masks=paths.get("val_masks"),
+                        **{k: paths[k] for k in _YAML_REQUIRED})
+
+
+def resolve_dataset(root: str | Path | None, *, embedded_size: int = 300, seed: int = 0) -> DatasetPaths:
+    """Resolve ``--data``; ``None`` builds (or reuses) the embedded dataset with ``embedded_size`` train
+    images and ``seed``. Anything unrecognised raises ``UserError`` listing what was expected and found."""
+    if root is None:
+        from cheaplunch import DEFAULT_DATA_DIR
+        from datamodules.embedded import build_embedded
+
+        root = build_embedded(DEFAULT_DATA_DIR, size=embedded_size, seed=seed)
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise UserError(f"dataset path not found: {root}")
+    if root.is_file():
+        if root.suffix.lower() in (".yaml", ".yml"):
+            return _from_yaml(root)
+        raise UserError(f"dataset path {root} is a file; give a dataset folder or a .yaml describing the splits")
+    project = [root / p for p in _PROJECT]
+    if all(p.exists() for p in project):
+        return DatasetPaths(root, *project, _masks(root, "train"), _masks(root, "val"))
+    coco = [root / p for p in _COCO]
+    if all(p.exists() for p in coco):
+        return DatasetPaths(root, *coco, None, None)
+    found = sorted(str(p.relative_to(root)) + ("/" if p.is_dir() else "") for p in root.iterdir())
+    found += sorted(f"annotations/{p.name}" for p in (root / "annotations").glob("*")) if (root / "annotations").is_dir() else []
+    raise UserError(
+        f"{root} is not a dataset folder I know. Expected either the project layout "
+        f"({', '.join(_PROJECT)}; optional masks/train, masks/val) or COCO's layout ({', '.join(_COCO)}), "
+        f"or a .yaml naming the paths; found: {', '.join(found[:30]) or 'an empty folder'}"
+    )

@@ -1,0 +1,468 @@
+"""Readers for the datasets users bring: COCO instances, segmentation label folders, ImageFolder.
+
+Everything that can be checked without decoding every image is checked when the dataset is opened,
+so a missing file or a malformed annotation stops the run at start-up with a message naming the
+file (``DataError``), not in the middle of an epoch. Repairs that keep training meaningful (boxes
+clipped to the image, degenerate boxes dropped) are summarised in ONE ``DataWarning`` per file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from cheaplunch.errors import DataError, DataWarning
+
+if TYPE_CHECKING:
+    from pycocotools.coco import COCO
+
+IGNORE_INDEX = 255
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+# ------------------------------------------------------------------------------------------ images
+def read_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to an HxWx3 uint8 RGB array (grey, palette, RGBA and CMYK are converted).
+
+    EXIF orientation is not applied: annotations refer to the stored pixel grid."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()  # a truncated file fails here, not later
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc})") from exc
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """Decode a label PNG to an HxW uint8 array of class indices (palette PNGs give their indices)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"label mask not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("P", "L"):
+                return np.asarray(im).copy()
+            if im.mode in ("I", "I;16", "I;16B"):
+                arr = np.asarray(im)
+                if arr.max(initial=0) > 255 or arr.min(initial=0) < 0:
+                    raise DataError(f"{path}: label values outside 0..255 (max {arr.max()})")
+                return arr.astype(np.uint8)
+            raise DataError(f"{path}: expected a single-channel label PNG (class index per pixel), got mode {im.mode}")
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read label mask ({exc})") from exc
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header only."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read image header ({exc})") from exc
+
+
+# -------------------------------------------------------------------------------------------- COCO
+@dataclass
+class CocoImage:
+    id: int
+    path: Path
+    width: int
+    height: int
+    boxes: np.ndarray  # (N, 4) float32 xywh in pixels, clipped to the image; degenerate boxes dropped
+    labels: np.ndarray  # (N,) int64 contiguous 0..C-1
+    category_ids: np.ndarray  # (N,) int64 original COCO ids
+    ann_ids: np.ndarray  # (N,) int64
+
+
+@dataclass
+class CocoDataset:
+    ann_file: Path
+    image_dir: Path
+    images: list[CocoImage]
+    category_ids: list[int]  # sorted; index = contiguous label
+    class_names: list[str]
+    coco: COCO  # the original annotations (unclipped), for masks and evaluation
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.category_ids)
+
+    def label_of(self, category_id: int) -> int:
+        try:
+            return self._label_of[category_id]
+        except KeyError:
+            raise DataError(f"{self.ann_file}: unknown category id {category_id}") from None
+
+    def __post_init__(self) -> None:
+        self._label_of = {cid: i for i, cid in enumerate(self.category_ids)}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _need(obj: Any, key: str, where: str, ann_file: Path) -> Any:
+    if not isinstance(obj, dict):
+        raise DataError(f"{ann_file}: {where} is not an object")
+    if key not in obj:
+        raise DataError(f"{ann_file}: {where} has no '{key}'")
+    return obj[key]
+
+
+def _int(value: Any, what: str, ann_file: Path) -> int:
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value != int(value)):
+        raise DataError(f"{ann_file}: {what} must be an integer, got {value!r}")
+    return int(value)
+
+
+def load_coco(
+    ann_file: str | Path,
+    image_dir: str | Path,
+    *,
+    keep_crowd: bool = False,
+    check_images: bool = True,
+) -> CocoDataset:
+    """Read a COCO instances JSON. Category ids are mapped to contiguous labels in sorted id order;
+    boxes are clipped to the image and degenerate ones dropped (one ``DataWarning`` with the counts);
+    images without annotations are kept (negatives); ``iscrowd`` annotations are left out of
+    ``images[i].boxes`` unless ``keep_crowd`` (they stay in ``coco`` for evaluation)."""
+    ann_file, image_dir = Path(ann_file), Path(image_dir)
+    if not ann_file.is_file():
+        raise DataError(f"annotation file not found: {ann_file}")
+    try:
+        data = json.loads(ann_file.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{ann_file}: cannot read ({exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{ann_file}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise DataError(f"{ann_file}: expected a JSON object with 'images', 'annotations', 'categories'")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(_need(data, key, "the top level", ann_file), list):
+            raise DataError(f"{ann_file}: '{key}' must be a list")
+    if not data["categories"]:
+        raise DataError(f"{ann_file}: 'categories' is empty")
+
+    names: dict[int, str] = {}
+    for i, cat in enumerate(data["categories"]):
+        cid = _int(_need(cat, "id", f"categories[{i}]", ann_file), f"categories[{i}].id", ann_file)
+        if cid in names:
+            raise DataError(f"{ann_file}: category id {cid} appears twice")
+        names[cid] = str(_need(cat, "name", f"categories[{i}]", ann_file))
+    category_ids = sorted(names)
+    label_of = {cid: k for k, cid in enumerate(category_ids)}
+
+    metas: dict[int, tuple[str, int, int]] = {}
+    for i, img in enumerate(data["images"]):
+        where = f"images[{i}]"
+        iid = _int(_need(img, "id", where, ann_file), f"{where}.id", ann_file)
+        if iid in metas:
+            raise DataError(f"{ann_file}: image id {iid} appears twice")
+        file_name = _need(img, "file_name", where, ann_file)
+        w = _int(_need(img, "width", where, ann_file), f"{where}.width", ann_file)
+        h = _int(_need(img, "height", where, ann_file), f"{where}.height", ann_file)
+        if w <= 0 or h <= 0:
+            raise DataError(f"{ann_file}: {where} ({file_name}) has size {w}x{h}")
+        metas[iid] = (str(file_name), w, h)
+
+    per_image: dict[int, list[tuple[list[float], int, int]]] = {iid: [] for iid in metas}
+    seen_ann: set[int] = set()
+    n_clipped = n_dropped = 0
+    for i, ann in enumerate(data["annotations"]):
+        where = f"annotations[{i}]"
+        aid = _int(_need(ann, "id", where, ann_file), f"{where}.id", ann_file)
+        if aid in seen_ann:
+            raise DataError(f"{ann_file}: annotation id {aid} appears twice")
+        seen_ann.add(aid)
+        iid = _int(_need(ann, "image_id", where, ann_file), f"{where}.image_id", ann_file)
+        cid = _int(_need(ann, "category_id", where, ann_file), f"{where}.category_id", ann_file)
+        if iid not in metas:
+            raise DataError(f"{ann_file}: {where} (id {aid}) refers to unknown image id {iid}")
+        if cid not in label_of:
+            raise DataError(f"{ann_file}: {where} (id {aid}) refers to unknown category id {cid}")
+        bbox = _need(ann, "bbox", where, ann_file)
+        if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+            raise DataError(f"{ann_file}: {where} (id {aid}) bbox must be 4 numbers [x, y, w, h], got {bbox!r}")
+        if ann.get("iscrowd", 0) and not keep_crowd:
+            continue
+        _, width, height = metas[iid]
+        x, y, w, h = (float(v) for v in bbox)
+        if not all(math.isfinite(v) for v in (x, y, w, h)):
+            n_dropped += 1
+            continue
+        x0, y0 = max(x, 0.0), max(y, 0.0)
+        x1, y1 = min(x + w, float(width)), min(y + h, float(height))
+        if x1 - x0 <= 0 or y1 - y0 <= 0:
+            n_dropped += 1
+            continue
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+            n_clipped += 1
+        per_image[iid].append(([x0, y0, x1 - x0, y1 - y0], cid, aid))
+
+    images = []
+    for iid, (file_name, width, height) in metas.items():
+        anns = per_image[iid]
+        cids = np.array([a[1] for a in anns], np.int64)
+        images.append(CocoImage(
+            id=iid,
+            path=image_dir / file_name,
+            width=width,
+            height=height,
+            boxes=np.array([a[0] for a in anns], np.float32).reshape(-1, 4),
+            labels=np.array([label_of[c] for c in cids], np.int64),
+            category_ids=cids,
+            ann_ids=np.array([a[2] for a in anns], np.int64),
+        ))
+    if check_images:
+        missing = [im.path for im in images if not im.path.is_file()]
+        if missing:
+            raise DataError(
+                f"{len(missing)} of {len(images)} images listed in {ann_file} are missing from {image_dir}, "
+                f"e.g. {missing[0]}"
+            )
+    if n_clipped or n_dropped:
+        warnings.warn(
+            f"{ann_file}: clipped {n_clipped} boxes, dropped {n_dropped} degenerate boxes",
+            DataWarning, stacklevel=2,
+        )
+
+    from pycocotools.coco import COCO
+
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return CocoDataset(ann_file, image_dir, images, category_ids, [names[c] for c in category_ids], coco)
+
+
+# ---------------------------------------------------------------------------------- segmentation
+VOC_CLASSES = [
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+]
+CITYSCAPES_CLASSES = [
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+]
+# Cityscapes labelId -> trainId (the 19 evaluated classes); every other id is ignored (255).
+_CITYSCAPES_TRAIN_ID = {
+    7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
+    24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18,
+}
+CITYSCAPES_LUT = np.full(256, IGNORE_INDEX, np.uint8)
+for _label_id, _train_id in _CITYSCAPES_TRAIN_ID.items():
+    CITYSCAPES_LUT[_label_id] = _train_id
+
+
+def _voc_root(root: Path) -> Path | None:
+    for cand in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
+        if (cand / "JPEGImages").is_dir() and (cand / "SegmentationClass").is_dir():
+            return cand
+    return None
+
+
+def segmentation_layout(root: str | Path) -> str:
+    """'voc', 'cityscapes' or 'project' (``images/<split>`` + ``masks/<split>``)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"segmentation dataset folder not found: {root}")
+    if _voc_root(root) is not None:
+        return "voc"
+    if (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
+        return "cityscapes"
+    if (root / "images").is_dir() and (root / "masks").is_dir():
+        return "project"
+    found = sorted(p.name for p in root.iterdir())[:20]
+    raise DataError(
+        f"{root}: not a segmentation dataset; expected one of: VOC (JPEGImages/, SegmentationClass/, "
+        f"ImageSets/Segmentation/<split>.txt), Cityscapes (leftImg8bit/<split>/<city>/, gtFine/<split>/<city>/), "
+        f"or images/<split>/ + masks/<split>/; found {found}"
+    )
+
+
+def _pair_by_stem(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
+    if not images_dir.is_dir():
+        raise DataError(f"image folder not found: {images_dir}")
+    if not masks_dir.is_dir():
+        raise DataError(f"mask folder not found: {masks_dir}")
+    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {images_dir}")
+    pairs = []
+    for img in images:
+        mask = masks_dir / f"{img.stem}.png"
+        if not mask.is_file():
+            raise DataError(f"no mask for image {img}: expected {mask}")
+        pairs.append((img, mask))
+    return pairs
+
+
+def find_segmentation_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
+    """(image, label PNG) pairs of ``split`` for a VOC, Cityscapes or project-layout folder."""
+    root = Path(root)
+    layout = segmentation_layout(root)
+    if layout == "project":
+        return _pair_by_stem(root / "images" / split, root / "masks" / split)
+    if layout == "voc":
+        voc = _voc_root(root)
+        assert voc is not None
+        list_file = voc / "ImageSets" / "Segmentation" / f"{split}.txt"
+        if not list_file.is_file():
+            raise DataError(f"VOC split list not found: {list_file}")
+        stems = [s.strip().split()[0] for s in list_file.read_text().splitlines() if s.strip()]
+        if not stems:
+            raise DataError(f"{list_file} lists no images")
+        pairs = []
+        for stem in stems:
+            img, mask = voc / "JPEGImages" / f"{stem}.jpg", voc / "SegmentationClass" / f"{stem}.png"
+            if not img.is_file():
+                raise DataError(f"image {img} listed in {list_file} not found")
+            if not mask.is_file():
+                raise DataError(f"no mask for image {img}: expected {mask}")
+            pairs.append((img, mask))
+        return pairs
+    # cityscapes
+    split_dir = root / "leftImg8bit" / split
+    if not split_dir.is_dir():
+        raise DataError(f"Cityscapes split folder not found: {split_dir}")
+    images = sorted(split_dir.glob("*/*_leftImg8bit.png"))
+    if not images:
+        raise DataError(f"no */*_leftImg8bit.png images in {split_dir}")
+    pairs = []
+    for img in images:
+        stem = img.name[: -len("_leftImg8bit.png")]
+        mask = root / "gtFine" / split / img.parent.name / f"{stem}_gtFine_labelIds.png"
+        if not mask.is_file():
+            raise DataError(f"no mask for image {img}: expected {mask}")
+        pairs.append((img, mask))
+    return pairs
+
+
+def segmentation_class_names(root: str | Path) -> list[str]:
+    """Class names indexed by label value. Project layout: ``classes.txt`` (one name per line) if
+    present, else ``background`` + the categories of ``annotations/instances_*.json`` when their ids
+    are 1..C (as in the embedded dataset)."""
+    root = Path(root)
+    layout = segmentation_layout(root)
+    if layout == "voc":
+        return list(VOC_CLASSES)
+    if layout == "cityscapes":
+        return list(CITYSCAPES_CLASSES)
+    classes_txt = root / "classes.txt"
+    if classes_txt.is_file():
+        return [s.strip() for s in classes_txt.read_text().splitlines() if s.strip()]
+    for ann in sorted((root / "annotations").glob("instances_*.json")):
+        try:
+            cats = json.loads(ann.read_text())["categories"]
+            ids = sorted(int(c["id"]) for c in cats)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{ann}: cannot read categories ({exc})") from exc
+        if ids == list(range(1, len(ids) + 1)):
+            by_id = {int(c["id"]): str(c["name"]) for c in cats}
+            return ["background"] + [by_id[i] for i in ids]
+    raise DataError(f"{root}: cannot tell the class names; add {classes_txt} (one name per line, line k = label k)")
+
+
+class SegmentationFolder:
+    """Image + label-PNG pairs; ``dataset[i]`` is ``(image HxWx3 uint8 RGB, label HxW uint8)`` with 255 =
+    ignore, or ``transform(image, label)`` when a transform is given.
+
+    Build it from two folders paired by file stem (``SegmentationFolder(images_dir, masks_dir)``) or
+    from a dataset root in VOC / Cityscapes / project layout (``SegmentationFolder.from_root(root,
+    split)``). With ``check_sizes`` every pair's sizes are compared from the file headers up front."""
+
+    def __init__(
+        self,
+        images_dir: str | Path | None = None,
+        masks_dir: str | Path | None = None,
+        *,
+        pairs: Sequence[tuple[Path, Path]] | None = None,
+        class_names: Sequence[str] | None = None,
+        label_lut: np.ndarray | None = None,
+        transform: Callable[[np.ndarray, np.ndarray], Any] | None = None,
+        check_sizes: bool = True,
+    ) -> None:
+        if pairs is None:
+            if images_dir is None or masks_dir is None:
+                raise TypeError("give images_dir and masks_dir, or pairs")
+            pairs = _pair_by_stem(Path(images_dir), Path(masks_dir))
+        self.pairs = [(Path(i), Path(m)) for i, m in pairs]
+        if not self.pairs:
+            raise DataError(f"no image/mask pairs in {images_dir}")
+        self.class_names = list(class_names) if class_names is not None else None
+        self.label_lut = label_lut
+        self.transform = transform
+        if check_sizes:
+            for img, mask in self.pairs:
+                self._check_size(img, mask, image_size(img), image_size(mask))
+
+    @classmethod
+    def from_root(cls, root: str | Path, split: str, **kwargs: Any) -> SegmentationFolder:
+        layout = segmentation_layout(root)
+        kwargs.setdefault("label_lut", CITYSCAPES_LUT if layout == "cityscapes" else None)
+        if "class_names" not in kwargs:
+            with contextlib.suppress(DataError):
+                kwargs["class_names"] = segmentation_class_names(root)
+        return cls(pairs=find_segmentation_pairs(root, split), **kwargs)
+
+    @staticmethod
+    def _check_size(img: Path, mask: Path, img_wh: tuple[int, int], mask_wh: tuple[int, int]) -> None:
+        if tuple(img_wh) != tuple(mask_wh):
+            raise DataError(
+                f"mask {mask} is {mask_wh[0]}x{mask_wh[1]} but its image {img} is {img_wh[0]}x{img_wh[1]}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        img_path, mask_path = self.pairs[index]
+        image, label = read_image(img_path), read_label(mask_path)
+        self._check_size(img_path, mask_path, image.shape[1::-1], label.shape[1::-1])
+        if self.label_lut is not None:
+            label = self.label_lut[label]
+        return image, label
+
+    def __getitem__(self, index: int) -> Any:
+        image, label = self.load(index)
+        return self.transform(image, label) if self.transform is not None else (image, label)
+
+
+# ---------------------------------------------------------------------------------- ImageFolder
+def _checked_pil_loader(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc})") from exc
+
+
+def image_folder(root: str | Path, transform: Callable | None = None, **kwargs: Any):
+    """torchvision ``ImageFolder`` (one sub-folder per class) with clear errors: a missing or empty
+    folder raises ``DataError`` naming it; a corrupt image raises ``DataError`` naming the file when read."""
+    from torchvision.datasets import ImageFolder
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    if not any(p.is_dir() for p in root.iterdir()):
+        raise DataError(f"{root}: no class sub-folders (expected {root}/<class name>/<image files>)")
+    try:
+        return ImageFolder(str(root), transform=transform, loader=_checked_pil_loader, **kwargs)
+    except FileNotFoundError as exc:
+        raise DataError(f"{root}: no images in its class sub-folders ({exc})") from exc
