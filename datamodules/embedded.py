@@ -44,6 +44,7 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import json
 import shutil
 import sys
@@ -160,11 +161,16 @@ def _read_background(path: Path, reduce: bool = False) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+def _package_dir(name: str) -> Path:
+    """Install folder of a package, found without importing it (sklearn takes a second to import)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"python package {name} is not installed (pip install -r requirements.txt)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def background_sources() -> list[tuple[str, Path]]:
     """(name, path) of every background photo, in a fixed order; raises if mate-backgrounds is missing."""
-    import skimage.data
-    import sklearn.datasets
-
     sources = []
     missing = [n for n in MATE_BACKGROUNDS if not (MATE_NATURE_DIR / n).is_file()]
     if missing:
@@ -173,9 +179,9 @@ def background_sources() -> list[tuple[str, Path]]:
             f"packages (as root): {INSTALL_COMMAND}"
         )
     sources += [(f"mate/{n}", MATE_NATURE_DIR / n) for n in MATE_BACKGROUNDS]
-    sk_dir = Path(skimage.data.__file__).parent
+    sk_dir = _package_dir("skimage") / "data"
     sources += [(f"skimage/{n}", sk_dir / n) for n in SKIMAGE_BACKGROUNDS if (sk_dir / n).is_file()]
-    sl_dir = Path(sklearn.datasets.__file__).parent / "images"
+    sl_dir = _package_dir("sklearn") / "datasets" / "images"
     sources += [(f"sklearn/{n}", sl_dir / n) for n in SKLEARN_BACKGROUNDS if (sl_dir / n).is_file()]
     return sources
 
@@ -474,18 +480,17 @@ def build_embedded(
     cfg = EmbeddedConfig(size=size, val_size=val_size, seed=seed, image_size=image_size, max_objects=max_objects)
     check_system_data()
     with _locked(root):
-        backgrounds = load_backgrounds()
-        settings = build_settings(cfg, [b.name for b in backgrounds])
+        settings = build_settings(cfg, [name for name, _ in background_sources()])
         if not force and is_built(root, settings):
             return root
         if read_build_info(root) is None and any(p.exists() for p in _outputs(root)) and not force:
             raise UserError(f"{root} holds a dataset that was not built by datamodules.embedded (no build_info.json); "
                             "choose another --out or pass --force to overwrite its images/, masks/, annotations/")
-        _build(root, cfg, settings, backgrounds, progress)
+        _build(root, cfg, settings, progress)
     return root
 
 
-def _build(root: Path, cfg: EmbeddedConfig, settings: dict, backgrounds: list[Background], progress: bool) -> None:
+def _build(root: Path, cfg: EmbeddedConfig, settings: dict, progress: bool) -> None:
     from tqdm import tqdm
 
     info_path = root / "build_info.json"
@@ -496,6 +501,7 @@ def _build(root: Path, cfg: EmbeddedConfig, settings: dict, backgrounds: list[Ba
         elif p.exists():
             p.unlink()
     stamps = read_stamp_list()
+    backgrounds = load_backgrounds()
     compositor = Compositor(cfg, stamps, backgrounds)
     start = time.perf_counter()
     counts = {}
