@@ -93,8 +93,9 @@ class StampEntry:
     cls: str
 
 
-def read_stamp_list(path: Path = STAMP_LIST) -> list[StampEntry]:
-    """The curated stamps, in file order (``#`` comments and the ``path<TAB>class`` header skipped)."""
+def read_stamp_list(path: Path | None = None) -> list[StampEntry]:
+    """The curated stamps (default ``STAMP_LIST``), in file order; ``#`` comments and the header skipped."""
+    path = STAMP_LIST if path is None else path
     entries = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip() or line.startswith("#") or line == "path\tclass":
@@ -493,6 +494,13 @@ def build_embedded(
 def _build(root: Path, cfg: EmbeddedConfig, settings: dict, progress: bool) -> None:
     from tqdm import tqdm
 
+    stamps = read_stamp_list()
+    missing = [s.path for s in stamps if not (STAMP_ROOT / s.path).is_file()]
+    if missing:
+        raise DataError(
+            f"{len(missing)} stamps listed in {STAMP_LIST} are missing from {STAMP_ROOT} (e.g. {missing[0]}): "
+            f"install (as root) {INSTALL_COMMAND}, or re-run scripts/curate_stamps.py for this package version"
+        )
     info_path = root / "build_info.json"
     info_path.write_text(json.dumps({"settings": settings, "complete": False}, indent=1))
     for p in _outputs(root):
@@ -500,9 +508,8 @@ def _build(root: Path, cfg: EmbeddedConfig, settings: dict, progress: bool) -> N
             shutil.rmtree(p)
         elif p.exists():
             p.unlink()
-    stamps = read_stamp_list()
     backgrounds = load_backgrounds()
-    compositor = Compositor(cfg, stamps, backgrounds)
+    compositor = Compositor(cfg, stamps, backgrounds, STAMP_ROOT)
     start = time.perf_counter()
     counts = {}
     total = sum(cfg.n_images(s) for s in SPLITS)
@@ -609,25 +616,33 @@ def main(argv: list[str] | None = None) -> int:
         description="Build the embedded real-photo detection/segmentation dataset (cached by settings).",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_DATA_DIR, help="dataset folder (default: %(default)s)")
-    parser.add_argument("--size", type=int, default=300, help="number of train images (val: 20%% more)")
+    parser.add_argument("--size", type=int, default=None, help="number of train images (default 300)")
     parser.add_argument("--val-size", type=int, default=None, help="number of val images (default: 20%% of --size)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=256, help="side of the square images in pixels")
-    parser.add_argument("--max-objects", type=int, default=6, help="objects per image: 1..this")
+    parser.add_argument("--seed", type=int, default=None, help="default 0")
+    parser.add_argument("--image-size", type=int, default=None, help="side of the square images in px (default 256)")
+    parser.add_argument("--max-objects", type=int, default=None, help="objects per image: 1..this (default 6)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a build with these settings exists")
     parser.add_argument("--preview", type=Path, metavar="FILE.png",
-                        help="write a grid of images with boxes, class names and masks")
+                        help="write a grid of images with boxes, class names and masks; with no build option "
+                             "given, an existing build in --out is previewed as it is")
     parser.add_argument("--preview-split", choices=SPLITS, default="train")
     parser.add_argument("--preview-count", type=int, default=8)
     args = parser.parse_args(argv)
+    options = {"size": args.size, "val_size": args.val_size, "seed": args.seed, "image_size": args.image_size,
+               "max_objects": args.max_objects}
     try:
         start = time.perf_counter()
-        root = build_embedded(args.out, size=args.size, seed=args.seed, image_size=args.image_size,
-                              force=args.force, val_size=args.val_size, max_objects=args.max_objects)
-        info = read_build_info(root) or {}
-        print(f"embedded dataset at {root} ({info.get('counts')}; {time.perf_counter() - start:.1f} s)")
+        info = read_build_info(args.out)
+        reuse = (args.preview and not args.force and all(v is None for v in options.values())
+                 and info is not None and info.get("complete"))
+        if not reuse:
+            defaults = {"size": 300, "seed": 0, "image_size": 256, "max_objects": 6}
+            kwargs = {k: (defaults.get(k) if v is None else v) for k, v in options.items()}
+            build_embedded(args.out, force=args.force, **kwargs)
+            info = read_build_info(args.out) or {}
+        print(f"embedded dataset at {args.out} ({info.get('counts')}; {time.perf_counter() - start:.1f} s)")
         if args.preview:
-            print(f"preview -> {write_preview(root, args.preview, args.preview_split, args.preview_count)}")
+            print(f"preview -> {write_preview(args.out, args.preview, args.preview_split, args.preview_count)}")
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -240,6 +240,17 @@ def test_missing_debian_packages_give_the_install_command(tmp_path, monkeypatch)
         E.build_embedded(tmp_path / "out", size=2, image_size=64, progress=False)
 
 
+def test_stamp_missing_from_the_package_is_named(tmp_path, monkeypatch):
+    tsv = tmp_path / "stamps.tsv"
+    tsv.write_text(E.STAMP_LIST.read_text() + "animals/birds/dodo.png\tbird\n")
+    monkeypatch.setattr(E, "STAMP_LIST", tsv)
+    with pytest.raises(DataError, match=r"1 stamps listed .* missing .*dodo\.png.*apt-get install"):
+        E.build_embedded(tmp_path / "out", size=2, image_size=64, progress=False)
+    tsv.write_text("animals/birds/crow.png\tdinosaur\n")
+    with pytest.raises(DataError, match="stamps.tsv:1: expected"):
+        E.read_stamp_list()
+
+
 def test_cli_builds_and_writes_a_preview(tmp_path):
     out, preview = tmp_path / "ds", tmp_path / "preview.png"
     proc = subprocess.run(
@@ -251,6 +262,12 @@ def test_cli_builds_and_writes_a_preview(tmp_path):
     assert (out / "annotations" / "instances_val.json").is_file()
     grid = cv2.imread(str(preview))
     assert grid is not None and grid.shape[0] >= 96 and grid.shape[1] >= 3 * 96
+    again = subprocess.run(  # preview only: the existing 4-image build is shown, not rebuilt at 300
+        [sys.executable, "-m", "datamodules.embedded", "--out", str(out), "--preview", str(tmp_path / "p2.png")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert again.returncode == 0, again.stderr
+    assert E.read_build_info(out)["settings"]["size"] == 4 and (tmp_path / "p2.png").is_file()
     bad = subprocess.run([sys.executable, "-m", "datamodules.embedded", "--out", str(out), "--size", "0"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "size >= 1" in bad.stderr
