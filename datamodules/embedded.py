@@ -20,6 +20,8 @@ image; later objects may occlude earlier ones). Annotations are recomputed from 
   marks (a) the soft alpha edge of each object, 0.1 < alpha < 0.9, where no later object covers it
   (the pixel mixes object and what is behind it) and (b) the visible pixels of not-annotated objects.
   So every pixel with a class value k lies inside an annotated instance of category k.
+- each annotation also records its source ``stamp`` (path under the stamp root); images are JPEG
+  quality 92 without chroma subsampling.
 
 Train and val use disjoint stamps (every 5th stamp of each class is val-only), so validation measures
 recognition of unseen object instances. Everything is drawn from ``numpy.random.default_rng((seed,
