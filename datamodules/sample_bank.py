@@ -342,6 +342,7 @@ class SampleBank:
         self.stored_scale: np.ndarray = index["stored_scale"]
         self.image_paths: dict[int, str] = {int(k): v for k, v in self.info["image_paths"].items()}
         self._crops: np.ndarray | None = None
+        self._rows: list[tuple[int, list[int]]] | None = None  # (offset, (h, w)) as Python ints, for speed
 
     # -- construction -------------------------------------------------------------------------------
 
@@ -431,13 +432,15 @@ class SampleBank:
             if int(self.info["total_bytes"]) == 0:
                 self._crops = np.zeros(0, np.uint8)
             else:
-                self._crops = np.memmap(path, dtype=np.uint8, mode="r", shape=(int(self.info["total_bytes"]),))
+                mapped = np.memmap(path, dtype=np.uint8, mode="r", shape=(int(self.info["total_bytes"]),))
+                self._crops = np.asarray(mapped)  # plain ndarray view: slicing it skips memmap's overhead
         return self._crops
 
     def crop(self, i: int) -> np.ndarray:
         """Sample ``i`` as a read-only (h, w, 3) uint8 RGB view (no copy)."""
-        h, w = (int(v) for v in self.shapes[i])
-        off = int(self.offsets[i])
+        if self._rows is None:
+            self._rows = list(zip(self.offsets.tolist(), self.shapes.tolist()))
+        off, (h, w) = self._rows[i]
         return self._map()[off : off + h * w * 3].reshape(h, w, 3)
 
     def __getstate__(self) -> dict[str, Any]:

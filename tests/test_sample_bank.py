@@ -10,9 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import pickle
-import sys
-import types
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -23,6 +20,7 @@ from PIL import Image
 from torchvision.ops import box_iou
 
 from cheaplunch.errors import DataError
+from datamodules.readers import load_coco
 from datamodules.sample_bank import (
     GROUPS,
     SampleBank,
@@ -100,87 +98,14 @@ def write_coco(
     return ann_file, img_dir
 
 
-# A minimal private stand-in for datamodules/readers.py (being written in parallel); used only
-# when the real module is missing so that these tests run either way.
-@dataclass
-class _Img:
-    id: int
-    path: Path
-    width: int
-    height: int
-    boxes: np.ndarray
-    labels: np.ndarray
-    category_ids: np.ndarray
-    ann_ids: np.ndarray
-
-
-@dataclass
-class _Coco:
-    ann_file: Path
-    image_dir: Path
-    images: list[_Img]
-    category_ids: list[int]
-    class_names: list[str]
-    coco: object = None
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.category_ids)
-
-
-def _fallback_read_image(path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except OSError as exc:
-        raise DataError(f"{path}: cannot decode image ({exc})") from exc
-
-
-def _fallback_load_coco(ann_file, image_dir, *, keep_crowd=False, check_images=True) -> _Coco:
-    d = json.loads(Path(ann_file).read_text())
-    cats = sorted(c["id"] for c in d["categories"])
-    names = {c["id"]: c["name"] for c in d["categories"]}
-    lab = {c: i for i, c in enumerate(cats)}
-    images = []
-    for im in sorted(d["images"], key=lambda m: m["id"]):
-        anns = [a for a in d["annotations"] if a["image_id"] == im["id"] and (keep_crowd or not a["iscrowd"])]
-        boxes = np.array([a["bbox"] for a in anns], np.float32).reshape(-1, 4)
-        images.append(_Img(im["id"], Path(image_dir) / im["file_name"], im["width"], im["height"], boxes,
-                           np.array([lab[a["category_id"]] for a in anns], np.int64),
-                           np.array([a["category_id"] for a in anns], np.int64),
-                           np.array([a["id"] for a in anns], np.int64)))
-    return _Coco(Path(ann_file), Path(image_dir), images, cats, [names[c] for c in cats])
-
-
-def readers_module() -> types.ModuleType:
-    """The real datamodules.readers if it exists, else the private fallback as a module."""
-    try:
-        import datamodules.readers as readers
-
-        return readers
-    except ImportError:
-        mod = types.ModuleType("datamodules.readers")
-        mod.load_coco = _fallback_load_coco  # type: ignore[attr-defined]
-        mod.read_image = _fallback_read_image  # type: ignore[attr-defined]
-        return mod
-
-
-def install_readers(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
-    """Make ``import datamodules.readers`` work inside the code under test (fallback if missing)."""
-    mod = readers_module()
-    monkeypatch.setitem(sys.modules, "datamodules.readers", mod)
-    return mod
-
-
-def load(ann_file: Path, img_dir: Path):
-    return readers_module().load_coco(ann_file, img_dir)
+def load(ann_file: Path, img_dir: Path, **kw):
+    return load_coco(ann_file, img_dir, **kw)
 
 
 def build(coco, out: Path, **kw) -> SampleBank:
     kw.setdefault("seed", 0)
     kw.setdefault("progress", False)
-    return SampleBank.build(coco, out, read_fn=readers_module().read_image, **kw)
+    return SampleBank.build(coco, out, **kw)
 
 
 def gt_boxes_by_image(ann_file: Path) -> dict[int, np.ndarray]:
@@ -393,6 +318,27 @@ def test_size_mismatch_names_the_file(tmp_path):
     d = json.loads(ann.read_text())
     d["images"][0]["width"] += 5
     ann.write_text(json.dumps(d))
+    coco = load(ann, imgs, check_images=False)  # so that the bank's own check is the one that fires
     with pytest.raises(DataError, match="img_000.png"):
-        build(load(ann, imgs), tmp_path / "bad")
+        build(coco, tmp_path / "bad")
     assert not (tmp_path / "bad" / "bank_info.json").exists()
+
+
+def test_negatives_avoid_crowd_regions(tmp_path):
+    ann, imgs = write_coco(tmp_path, n_images=6, boxes_per_image=2, box_side=(10, 20))
+    d = json.loads(ann.read_text())
+    crowd = {}
+    for im in d["images"]:  # a crowd region over the left 60% of every image
+        box = [0.0, 0.0, 0.6 * im["width"], float(im["height"])]
+        crowd[im["id"]] = box
+        d["annotations"].append({"id": 10_000 + im["id"], "image_id": im["id"], "category_id": 3,
+                                 "iscrowd": 1, "bbox": box, "area": box[2] * box[3]})
+    ann.write_text(json.dumps(d))
+    plan = plan_samples(load(ann, imgs), seed=0, neg_ratio=1.0)
+    neg = np.flatnonzero(plan.category_ids < 0)
+    assert len(neg) > 0
+    assert len(plan.labels) - len(neg) == 12  # crowd boxes are not positives (keep_crowd=False)
+    for i in neg:
+        x, y, w, h = plan.boxes[i].tolist()
+        cx, cy, cw, ch = crowd[int(plan.image_ids[i])]
+        assert x >= cx + cw or x + w <= cx  # no overlap with the crowd region
