@@ -26,10 +26,16 @@ class ExportBackbone(Callback):
             print(f"exported backbone -> {path}")
 
 
-def state_hash(module: torch.nn.Module) -> str:
-    """SHA-256 of all parameters and buffers, bitwise (identical weights <=> identical hash)."""
+BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def state_hash(module: torch.nn.Module, *, parameters_only: bool = False, skip_bn_statistics: bool = False) -> str:
+    """SHA-256 of the parameters (and buffers unless parameters_only), bitwise: identical <=> same hash."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    tensors = dict(module.named_parameters()) if parameters_only else module.state_dict()
+    if skip_bn_statistics:
+        tensors = {k: v for k, v in tensors.items() if not k.endswith(BN_STATISTICS)}
+    for name, tensor in sorted(tensors.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
@@ -55,6 +61,10 @@ class RankAudit(Callback):
             "world_size": trainer.world_size,
             "global_step": trainer.global_step,
             "indices": self.indices,
-            "weights_sha256": state_hash(pl_module),
+            # Parameters are synchronised by DDP; BatchNorm running statistics are per process (DDP
+            # broadcasts rank 0's buffers before each forward), so they are hashed separately.
+            "weights_sha256": state_hash(pl_module, parameters_only=True),
+            "state_sha256": state_hash(pl_module),
+            "synced_state_sha256": state_hash(pl_module, skip_bn_statistics=True),  # e.g. ERF weights
         }
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))

@@ -74,16 +74,18 @@ class MontageModule(PretrainModule):
             images = images.contiguous(memory_format=torch.channels_last)
         logits = self(images)
         labels = batch.labels
+        extra: dict[str, torch.Tensor] = {}
         if self.objective == "global":
             loss = global_loss(logits, labels, self.region_areas)
         elif self.objective == "blockwise":
             loss = blockwise_loss(logits, labels, self.position_regions)
         else:
-            loss = erf_dense_loss(logits, labels, self.erf_weights, self.position_regions)
+            loss, extra = erf_dense_loss(logits, labels, self.erf_weights, self.position_regions)
         with torch.no_grad():
             region_acc = self.region_accuracy(logits, labels)
         self._maybe_log_montages(batch)
-        return {"loss": loss, f"loss_{self.objective}": loss.detach(), "region_acc": region_acc}
+        terms = {f"loss_{self.objective}/{name}": value for name, value in extra.items()}
+        return {"loss": loss, f"loss_{self.objective}": loss.detach(), **terms, "region_acc": region_acc}
 
     def region_accuracy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Fraction of cells whose region-pooled prediction equals the cell's label (monitoring only)."""

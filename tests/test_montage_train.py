@@ -1,0 +1,120 @@
+"""Montage pre-training end to end: each objective learns, the CLI run folder, ERF refresh and resume,
+preview files, and a 2-process DDP run."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+from callbacks.erf_refresh import ERFRefresh
+from cheaplunch import CONFIG_DIR, REPO_ROOT
+from cheaplunch.config import load_config
+
+TINY = ["model.arch=resnet18", "data.canvas=96", "data.batch_size=4", "data.num_workers=0", "data.max_side=96",
+        "trainer.accelerator=cpu", "trainer.log_every_n_steps=1", "logging.images_every_n_steps=2",
+        "checkpoint.every_n_steps=2"]
+
+
+def _train(data, out, *extra, timeout=600):
+    cmd = [sys.executable, "train.py", "--method", "montage", "--data", str(data), "--out", str(out),
+           "--logger", "none", *TINY, *extra]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _datamodule(data):
+    from datamodules.montage import MontageDataModule
+
+    cfg = load_config(CONFIG_DIR / "montage.yaml", None, [f"data.root={data}", *TINY])
+    dm = MontageDataModule.from_config(cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+    return cfg, dm
+
+
+def test_refresh_is_due_at_start_and_every_n_steps():
+    cb = ERFRefresh(every_n_steps=5)
+    assert cb.due(0, -1) and cb.due(7, -1)  # never computed: now
+    assert not cb.due(0, 0) and not cb.due(4, 0)
+    assert cb.due(5, 0) and cb.due(10, 5) and not cb.due(10, 10)
+
+
+@pytest.mark.parametrize("objective", ["global", "blockwise", "erf_dense"])
+def test_each_objective_reduces_the_loss_on_a_fixed_batch(tiny_embedded, objective):
+    from lightning_modules.montage import MontageModule
+    from models.erf import compute_erf, soft_label_weights
+
+    cfg, dm = _datamodule(tiny_embedded)
+    cfg.model.objective = objective
+    cfg.model.num_classes = dm.num_classes
+    torch.manual_seed(0)
+    module = MontageModule(cfg)
+    module.configure_model()
+    batch = next(iter(dm.train_dataloader()))
+    if objective == "erf_dense":
+        erf = compute_erf(module.backbone, batch.images[:2])
+        module.erf_weights.copy_(soft_label_weights(erf, module.layout.region_masks(), tau=0.7))
+        assert not torch.allclose(module.erf_weights, torch.nn.functional.one_hot(module.position_regions, 4).float())
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.05, momentum=0.9)
+    module.train()
+    losses = []
+    for _ in range(12):
+        loss = module.compute_losses(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.slow
+def test_train_py_run_folder_erf_refresh_and_resume(tiny_embedded, tmp_path):
+    run = tmp_path / "run"
+    _train(tiny_embedded, run, "trainer.max_steps=4", "model.erf.refresh_every=3")
+    for name in ("config.yaml", "checkpoints/last.ckpt", "backbone.pt", "backbone.json"):
+        assert (run / name).is_file(), name
+    assert list((run / "images" / "montages").glob("*.png")) and list((run / "images" / "erf").glob("*.png"))
+    info = json.loads((run / "backbone.json").read_text())
+    plain = timm.create_model(info["arch"], num_classes=0)
+    plain.load_state_dict(torch.load(run / "backbone.pt", weights_only=True), strict=True)
+
+    first = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert first["global_step"] == 4
+    assert int(first["state_dict"]["erf_step"]) == 3  # refreshed at 0 and at 3
+    # resume to 5 steps with a long refresh interval: no refresh, the stored weights carry over
+    _train(tiny_embedded, run, "trainer.max_steps=5", "model.erf.refresh_every=3")
+    second = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert second["global_step"] == 5
+    assert int(second["state_dict"]["erf_step"]) == 3
+    torch.testing.assert_close(second["state_dict"]["erf_weights"], first["state_dict"]["erf_weights"])
+    assert not torch.equal(second["state_dict"]["classifier.conv.weight"], first["state_dict"]["classifier.conv.weight"])
+
+
+@pytest.mark.slow
+def test_preview_writes_png_and_json(tiny_embedded, tmp_path):
+    _train(tiny_embedded, tmp_path / "run", "--preview", "2")
+    preview = tmp_path / "run" / "preview"
+    meta = json.loads((preview / "montage_0001.json").read_text())
+    assert meta["canvas"] == [96, 96]
+    assert [c["position"] for c in meta["cells"]] == ["top_left", "top_right", "bottom_left", "bottom_right"]
+    assert (preview / "montage_0000.png").is_file()
+    assert not (tmp_path / "run" / "checkpoints").exists()  # preview does not train
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_see_different_data_and_end_identical(tiny_embedded, tmp_path):
+    run = tmp_path / "ddp"
+    _train(tiny_embedded, run, "trainer.max_steps=3", "trainer.devices=2", "trainer.strategy=ddp",
+           "logging.audit_ranks=true", "model.erf.refresh_every=2", timeout=900)
+    ranks = [json.loads((run / "audit" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["indices"] and ranks[1]["indices"]
+    assert not set(ranks[0]["indices"]) & set(ranks[1]["indices"])  # sharded: different montages
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]  # synchronised weights
+    # every other buffer too (the ERF soft-label weights are broadcast from rank 0); only the
+    # BatchNorm running statistics are per process
+    assert ranks[0]["synced_state_sha256"] == ranks[1]["synced_state_sha256"]
