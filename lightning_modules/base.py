@@ -26,7 +26,8 @@ class NonFiniteLossError(RuntimeError):
 def batch_size_of(batch: Any) -> int:
     """Number of images in a batch of any of this project's batch types."""
     if hasattr(batch, "images"):
-        return int(batch.images.shape[0])
+        images = batch.images  # a tensor, or a list of variable-size images (detection)
+        return len(images) if isinstance(images, (list, tuple)) else int(images.shape[0])
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0])
     if isinstance(batch, (list, tuple)) and batch:
@@ -65,6 +66,8 @@ class PretrainModule(L.LightningModule):
         self.backbone: nn.Module = create_backbone(self.arch, **dict(cfg.model.get("backbone_kwargs", {}) or {}))
         self._heads_built = False
         self.peak_lr: float = float(cfg.optim.lr)
+        # FLOPs of one training batch, if a method knows them: ThroughputMonitor then logs FLOP/s / MFU.
+        self.flops_per_batch: int | None = None
 
     # ---- hooks for subclasses -------------------------------------------------------------
     def build_heads(self) -> None:
