@@ -5,11 +5,21 @@ G[j, k] = |d sum_c X[b, c, j, k] / d image_b|, summed over RGB and averaged over
 map per feature position (j, k). The absolute value is taken per image, before averaging.
 
 Cost: a naive loop runs one backward pass per feature position (``compute_erf_bruteforce``).
-``compute_erf`` runs one forward pass and vectorises the h*w backward passes with
-``torch.autograd.grad(..., is_grads_batched=True)`` (vmap over the output gradients), in chunks of
-positions. Both rely on the images being independent in eval mode (BatchNorm uses running
-statistics): the gradient of sum_b S[b, j, k] w.r.t. the batch holds image b's own gradient in slot b,
-so one backward pass serves the whole batch exactly.
+``compute_erf`` runs one forward pass and batches the h*w backward passes over the output gradients,
+in chunks of positions. All methods rely on the images being independent in eval mode (BatchNorm uses
+running statistics): the gradient of sum_b S[b, j, k] w.r.t. the batch holds image b's own gradient in
+slot b, so one backward pass serves the whole batch exactly.
+
+Checked on torch 2.14 (CPU): ``autograd.grad(is_grads_batched=True)`` is exact with timm ResNets
+(eval BatchNorm, max-pool), but it runs on the legacy vmap, which has no batching rule for
+``convolution_backward``, ``native_batch_norm_backward`` or ``max_pool2d_with_indices_backward``: it
+silently loops over the positions for those ops (see
+``torch._C._debug_only_display_vmap_fallback_warnings(True)``). Its work therefore equals the plain
+loop's; it saves only Python/autograd-engine overhead. ``method="func"`` (``torch.func.vjp`` +
+``torch.func.vmap``) has real batching rules and folds the positions into the batch of each backward
+kernel (the one to prefer where the loop under-fills the device, e.g. a GPU); on CPU, which a batch of
+a few images already saturates, it gains nothing and pays for layout copies. No method reduces the
+arithmetic: an exact refresh costs about (images x h x w) input-gradient passes.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ __all__ = [
     "erf_heatmap_grid",
 ]
 
-ErfMethod = Literal["auto", "vmap", "replicate"]
+ErfMethod = Literal["auto", "vmap", "func", "replicate"]
 
 
 @contextmanager
@@ -86,24 +96,30 @@ def compute_erf(
     is accumulated into any parameter's ``.grad``. ``chunk_size`` caps how many positions share one
     vectorised backward pass (memory grows linearly with it); None does all h*w at once.
 
-    ``method``: "vmap" = one forward, then ``autograd.grad(is_grads_batched=True)`` per chunk;
-    "replicate" = the fallback for models with an op vmap cannot batch: the batch is repeated once per
+    ``method``: "vmap" = one forward, then ``autograd.grad(is_grads_batched=True)`` per chunk (legacy
+    vmap; loops internally over conv/BN backward, see the module docstring); "func" = one forward with
+    ``torch.func.vjp``, then ``torch.func.vmap`` of the VJP per chunk (truly batched kernels);
+    "replicate" = the fallback for models with an op vmap cannot handle: the batch is repeated once per
     position of the chunk, forwarded, and one ordinary backward pass with a one-hot output gradient per
     replica gives every position's gradient (exact too, as images are independent in eval mode; it costs
-    one forward per position). "auto" tries vmap and falls back to replicate if it raises.
+    one forward per position). "auto" = "vmap", falling back to "replicate" if vmap raises.
     """
     _check_images(images)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
-    if method not in ("auto", "vmap", "replicate"):
-        raise ValueError(f"unknown ERF method {method!r}: use 'auto', 'vmap' or 'replicate'")
+    if method not in ("auto", "vmap", "func", "replicate"):
+        raise ValueError(f"unknown ERF method {method!r}: use 'auto', 'vmap', 'func' or 'replicate'")
     with _eval_mode(model), torch.enable_grad():
         if method == "replicate":
             return _erf_replicate(model, images, chunk_size)
         try:
-            return _erf_vmap(model, images, chunk_size)
+            return (
+                _erf_func(model, images, chunk_size)
+                if method == "func"
+                else _erf_vmap(model, images, chunk_size)
+            )
         except RuntimeError as err:
-            if method == "vmap":
+            if method != "auto":
                 raise
             warnings.warn(
                 f"compute_erf: vmap over output gradients failed ({err}); falling back to the "
@@ -114,22 +130,41 @@ def compute_erf(
             return _erf_replicate(model, images, chunk_size)
 
 
+def _position_onehots(start: int, stop: int, s: Tensor) -> Tensor:
+    """Output gradients (stop - start, B, h, w) of S = (B, h, w): a one at positions start..stop-1
+    (row-major), for every image."""
+    b, h, w = s.shape
+    onehot = torch.zeros(stop - start, h * w, device=s.device, dtype=s.dtype)
+    onehot[torch.arange(stop - start, device=s.device), torch.arange(start, stop, device=s.device)] = 1.0
+    return onehot.view(-1, 1, h, w).expand(-1, b, h, w)
+
+
 def _erf_vmap(model: nn.Module, images: Tensor, chunk_size: int | None) -> Tensor:
     x = images.detach().requires_grad_(True)
     s = _feature_map(model, x).sum(dim=1)  # (B, h, w)
-    b, h, w = s.shape
+    _, h, w = s.shape
     n = h * w
     step = n if chunk_size is None else chunk_size
     out = torch.empty(n, *images.shape[-2:], device=images.device, dtype=torch.float32)
     for start in range(0, n, step):
-        idx = torch.arange(start, min(start + step, n), device=s.device)
-        onehot = torch.zeros(len(idx), n, device=s.device, dtype=s.dtype)
-        onehot[torch.arange(len(idx), device=s.device), idx] = 1.0
-        grad_out = onehot.view(len(idx), 1, h, w).expand(len(idx), b, h, w)
+        stop = min(start + step, n)
         (g,) = torch.autograd.grad(
-            s, x, grad_outputs=grad_out, is_grads_batched=True, retain_graph=start + step < n
+            s, x, grad_outputs=_position_onehots(start, stop, s), is_grads_batched=True, retain_graph=stop < n
         )
-        out[start : start + len(idx)] = _reduce(g).float()
+        out[start:stop] = _reduce(g).float()
+    return out.view(h, w, *images.shape[-2:])
+
+
+def _erf_func(model: nn.Module, images: Tensor, chunk_size: int | None) -> Tensor:
+    s, vjp_fn = torch.func.vjp(lambda x: _feature_map(model, x).sum(dim=1), images.detach())
+    _, h, w = s.shape
+    n = h * w
+    step = n if chunk_size is None else chunk_size
+    out = torch.empty(n, *images.shape[-2:], device=images.device, dtype=torch.float32)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        (g,) = torch.func.vmap(vjp_fn)(_position_onehots(start, stop, s.detach()))
+        out[start:stop] = _reduce(g).float()
     return out.view(h, w, *images.shape[-2:])
 
 

@@ -61,7 +61,7 @@ def test_ones_conv_by_hand() -> None:
 
 
 @pytest.mark.parametrize("chunk_size", [None, 1, 7])
-@pytest.mark.parametrize("method", ["vmap", "replicate"])
+@pytest.mark.parametrize("method", ["vmap", "func", "replicate"])
 def test_small_cnn_matches_bruteforce(chunk_size: int | None, method: str) -> None:
     net = _small_cnn()
     images = torch.randn(3, 3, 32, 28)
@@ -104,10 +104,10 @@ def test_timm_resnet18_matches_bruteforce(features_only: bool) -> None:
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
     images = torch.randn(2, 3, 64, 64)
-    fast = compute_erf(net, images, method="vmap", chunk_size=3)
     ref = compute_erf_bruteforce(net, images)
     assert ref.shape == (2, 2, 64, 64)
-    assert _close(fast, ref)
+    assert _close(compute_erf(net, images, method="vmap", chunk_size=3), ref)
+    assert _close(compute_erf(net, images, method="func"), ref)
 
 
 def test_mode_restored_and_no_param_grads() -> None:
@@ -117,7 +117,8 @@ def test_mode_restored_and_no_param_grads() -> None:
     modes = [m.training for m in net.modules()]
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():  # works from a no_grad context (e.g. a validation hook)
-        compute_erf(net, images)
+        for method in ("vmap", "func", "replicate"):
+            compute_erf(net, images, method=method)
         compute_erf_bruteforce(net, images)
     assert [m.training for m in net.modules()] == modes
     assert all(p.grad is None for p in net.parameters())
