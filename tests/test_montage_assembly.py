@@ -437,3 +437,34 @@ def test_datamodule_on_the_embedded_layout(tiny_embedded, tmp_path):
     assert dm.num_classes == len(dm.class_names) and dm.class_names[-1] == "background"
     batch = next(iter(dm.train_dataloader()))
     assert batch.images.shape == (2, 3, 96, 96)
+
+
+def test_lightning_epochs_see_new_montages_with_persistent_workers(datamodule):
+    """Lightning calls MontageSampler.set_epoch; the indices (and so the montages) move on each epoch
+    even though the worker processes persist."""
+    import lightning as L
+
+    class Recorder(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.seen: list[list[int]] = []
+            self.first_pixels: list[torch.Tensor] = []
+
+        def training_step(self, batch: MontageBatch, batch_idx: int) -> torch.Tensor:
+            self.seen.append(batch.index.tolist())
+            self.first_pixels.append(batch.images[0, :, :8, :8].clone())
+            return (self.w * batch.images.mean()).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    dm = datamodule
+    dm.num_workers = 1
+    dm.epoch_size = 4
+    model = Recorder()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)
+    assert model.seen == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert not torch.equal(model.first_pixels[0], model.first_pixels[1])
