@@ -1,0 +1,149 @@
+"""`--backbone PATH|scratch`: where the initial backbone weights of a fine-tuning run come from.
+
+Accepted sources (all read with ``torch.load(..., weights_only=True)``: no pickled code is executed):
+
+- ``scratch``: random initialisation (the from-scratch baseline); the architecture is ``--arch`` or the
+  task config's ``model.arch``;
+- an exported backbone (``backbone.pt`` + ``backbone.json``, see ``models/export.py``), or the folder
+  holding them (e.g. a pre-training run folder);
+- a Lightning checkpoint (``*.ckpt``) of any pre-training method (or of a fine-tuning run): its
+  ``state_dict`` holds the backbone under ``backbone.*`` and ``hyper_parameters["config"]["model"]["arch"]``
+  names the architecture;
+- a plain timm ``state_dict`` file, when ``--arch`` names its architecture.
+
+Loading is strict: a missing, unexpected or mis-shaped key is a ``UserError`` listing them (the usual
+cause is a wrong ``--arch``), never a silent partial load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cheaplunch.errors import UserError
+from models.export import load_state_strict, read_backbone
+
+SCRATCH = "scratch"
+# Prefixes a backbone's keys may carry in a Lightning checkpoint, tried in order. `backbone.` is where
+# every module of this project keeps it (PretrainModule and the fine-tuning modules).
+CHECKPOINT_PREFIXES = ("backbone.",)
+# torch.compile wraps a module as `_orig_mod`; the keys underneath are the model's own.
+COMPILE_PREFIX = "_orig_mod."
+
+
+@dataclass
+class BackboneSource:
+    """Resolved `--backbone`: the architecture, its weights (None = scratch) and where they came from."""
+
+    arch: str
+    state: dict[str, torch.Tensor] | None
+    description: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_scratch(self) -> bool:
+        return self.state is None
+
+
+def _torch_load(path: Path, what: str) -> Any:
+    """torch.load with weights_only=True and a one-line error naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: refused to load {what} with weights_only=True (it holds objects other "
+                        f"than tensors and plain containers: {first})") from exc
+    except Exception as exc:  # zip/EOF/corrupt-file errors come in several types
+        raise UserError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc})") from exc
+
+
+def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def backbone_from_checkpoint(ckpt: dict[str, Any], path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """(backbone state_dict, arch or None) from a loaded Lightning checkpoint dict."""
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: a Lightning checkpoint without a 'state_dict'")
+    backbone: dict[str, torch.Tensor] = {}
+    for prefix in CHECKPOINT_PREFIXES:
+        backbone = _strip(state, prefix)
+        if backbone:
+            break
+    if not backbone:
+        heads = sorted({k.split(".")[0] for k in state})[:8]
+        raise UserError(f"{path}: checkpoint has no backbone weights (no keys starting with "
+                        f"{' or '.join(CHECKPOINT_PREFIXES)}; top-level names: {', '.join(heads)})")
+    hparams = ckpt.get("hyper_parameters") or {}
+    arch = None
+    with contextlib.suppress(KeyError, TypeError):
+        arch = hparams["config"]["model"]["arch"]
+    return backbone, arch
+
+
+def resolve_backbone(spec: str, arch: str | None = None, default_arch: str | None = None) -> BackboneSource:
+    """Resolve `--backbone spec` (see the module docstring).
+
+    `arch` is an explicit `--arch`: it wins over the architecture recorded in the file (and a wrong one
+    then fails the strict load with the list of missing keys). `default_arch` (the config's model.arch)
+    is used for `scratch` and for plain state_dict files when no `--arch` is given."""
+    if spec is None or str(spec).strip() == "":
+        raise UserError(f"--backbone: give a path (backbone.pt, its folder, a Lightning .ckpt) or '{SCRATCH}'")
+    if str(spec) == SCRATCH:
+        chosen = arch or default_arch
+        if not chosen:
+            raise UserError("--backbone scratch needs --arch NAME (or model.arch in the config)")
+        return BackboneSource(chosen, None, f"scratch ({chosen}, random init)")
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UserError(f"--backbone: no such file or folder: {path} (give a backbone.pt, its folder, "
+                        f"a Lightning .ckpt, or '{SCRATCH}')")
+    if path.is_dir():
+        if (path / "backbone.pt").is_file():
+            path = path / "backbone.pt"
+        elif (path / "checkpoints" / "last.ckpt").is_file():
+            path = path / "checkpoints" / "last.ckpt"
+        else:
+            raise UserError(f"--backbone: folder {path} has neither backbone.pt nor checkpoints/last.ckpt")
+    if path.with_suffix(".json").is_file() and path.suffix == ".pt":
+        state, info = read_backbone(path)
+        return BackboneSource(arch or info["arch"], state, f"exported backbone {path} ({info['arch']})", info)
+    obj = _torch_load(path, "backbone weights")
+    if isinstance(obj, dict) and "state_dict" in obj and ("hyper_parameters" in obj or "pytorch-lightning_version" in obj):
+        state, file_arch = backbone_from_checkpoint(obj, path)
+        chosen = arch or file_arch
+        if not chosen:
+            raise UserError(f"{path}: the checkpoint does not record model.arch; pass --arch NAME")
+        info = {"arch": file_arch, "global_step": obj.get("global_step"), "source": "lightning_checkpoint"}
+        return BackboneSource(chosen, state, f"Lightning checkpoint {path} ({file_arch})", info)
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if arch is None:
+            raise UserError(f"{path}: a plain state_dict without backbone.json beside it; pass --arch NAME "
+                            "to say which timm architecture it is")
+        return BackboneSource(arch, obj, f"state_dict {path} ({arch})", {"arch": arch})
+    raise UserError(f"{path}: neither an exported backbone, a Lightning checkpoint nor a state_dict")
+
+
+def prepare_state(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Normalise a backbone state_dict for `module`: drop a torch.compile prefix, and fill BatchNorm
+    `num_batches_tracked` counters that a frozen-BN model does not store (they do not affect the output)."""
+    if state and all(k.startswith(COMPILE_PREFIX) for k in state):
+        state = _strip(state, COMPILE_PREFIX)
+    own = module.state_dict()
+    filled = dict(state)
+    for key, value in own.items():
+        if key.endswith("num_batches_tracked") and key not in filled:
+            filled[key] = torch.zeros_like(value)
+    return filled
+
+
+def load_backbone_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strictly load `state` into the backbone `module` (UserError listing every mismatch)."""
+    load_state_strict(module, prepare_state(module, state), source)
