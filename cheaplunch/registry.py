@@ -54,6 +54,29 @@ register(METHODS, Entry(
     "montage.yaml",
 ))
 
+# Fine-tuning tasks (finetune.py --task NAME); run logic in cheaplunch/finetune.py.
+register(TASKS, Entry(
+    "detection",
+    "object detection / instance segmentation: RetinaNet, Faster R-CNN, Mask R-CNN on an FPN; COCO AP",
+    "lightning_modules.detection:DetectionModule",
+    "datamodules.detection:DetectionDataModule",
+    "finetune_detection.yaml",
+))
+register(TASKS, Entry(
+    "segmentation",
+    "semantic segmentation: DeepLabV3 head; mIoU (dataset-level confusion matrix)",
+    "lightning_modules.segmentation:SegmentationModule",
+    "datamodules.segmentation:SegmentationDataModule",
+    "finetune_segmentation.yaml",
+))
+register(TASKS, Entry(
+    "classification",
+    "linear probe or full fine-tuning on object crops / an ImageFolder; top-1 / top-5",
+    "lightning_modules.classification:ClassificationModule",
+    "datamodules.classification:ClassificationDataModule",
+    "finetune_classification.yaml",
+))
+
 
 def lookup(table: dict[str, Entry], name: str, kind: str) -> Entry:
     if name not in table:

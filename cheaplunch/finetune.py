@@ -1,0 +1,248 @@
+"""`finetune.py` behind the CLI: resolve the task, config, backbone and run folder; fine-tune; evaluate;
+write ``results.json``.
+
+Run folder (``--out``, default ``runs/finetune_<task>``)::
+
+    config.yaml          the resolved config (model.num_classes / data.class_names filled from the data)
+    checkpoints/         last.ckpt (resume), step*.ckpt, final.ckpt (the evaluated weights)
+    results.json         the final metrics (the task's format, see README)
+    history.json         [{"step": s, "metrics": {...}}, ...] for every evaluation during training
+    images/              prediction drawings (also on W&B)
+
+``--eval-only --checkpoint CKPT`` rebuilds the model from the checkpoint's own config, loads its weights
+strictly and writes ``results.json`` (default folder: ``<run of CKPT>/eval``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from cheaplunch.config import _load_yaml, _merge, load_config
+from cheaplunch.errors import UserError
+from cheaplunch.registry import TASKS, Entry, lookup
+from cheaplunch.runner import (
+    apply_cli_overrides,
+    build_trainer,
+    default_run_dir,
+    find_resume_checkpoint,
+    log_config,
+    make_logger,
+    standard_callbacks,
+    write_run_config,
+)
+from lightning_modules.base import NonFiniteLossError
+from models.backbone_loading import SCRATCH, BackboneSource, resolve_backbone
+from models.export import load_state_strict
+
+log = logging.getLogger("cheaplunch")
+
+DETECTOR_CHOICES = ("retinanet", "faster_rcnn", "mask_rcnn")
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    results: dict[str, Any]
+    checkpoint: Path | None
+
+
+def _task_overrides(task: str, detector: str | None, arch: str | None, label_fraction: float | None,
+                    label_count: int | None) -> list[str]:
+    """The task-specific flags as dotted overrides (placed before explicit key=value arguments)."""
+    flags: list[str] = []
+    if detector is not None:
+        if task != "detection":
+            raise UserError(f"--detector applies to --task detection only (got --task {task})")
+        if detector not in DETECTOR_CHOICES:
+            raise UserError(f"--detector must be one of {', '.join(DETECTOR_CHOICES)}, got '{detector}'")
+        flags.append(f"model.detector={detector}")
+    if arch is not None:
+        flags.append(f"model.arch={arch}")
+    if label_fraction is not None and label_count is not None:
+        raise UserError("give --label-fraction or --label-count, not both")
+    if label_fraction is not None:
+        flags.append(f"data.label_fraction={label_fraction}")
+    if label_count is not None:
+        flags.append(f"data.label_count={label_count}")
+    return flags
+
+
+def _set(cfg: DictConfig, key: str, value: Any) -> None:
+    with open_dict(cfg):
+        OmegaConf.update(cfg, key, value, merge=False)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@rank_zero_only
+def _write_outputs(run_dir: Path, results: dict[str, Any], history: list[dict[str, Any]] | None) -> None:
+    _write_json(run_dir / "results.json", results)
+    if history is not None:
+        _write_json(run_dir / "history.json", history)
+
+
+def _describe_data(entry: Entry, cfg: DictConfig) -> Any:
+    """The task's DataModule, with model.num_classes and data.class_names filled in from the data."""
+    datamodule = entry.datamodule_class().from_config(cfg)
+    names = list(datamodule.class_names)
+    known = cfg.model.get("num_classes")
+    if known is not None and int(known) != len(names):
+        raise UserError(f"model.num_classes={known} but the dataset has {len(names)} classes ({', '.join(names[:12])})")
+    _set(cfg, "model.num_classes", len(names))
+    _set(cfg, "data.class_names", names)
+    return datamodule
+
+
+def run_finetune(
+    task: str | None,
+    *,
+    backbone: str | None = None,
+    detector: str | None = None,
+    arch: str | None = None,
+    data: str | None = None,
+    config: str | None = None,
+    logger: str | None = None,
+    devices: int | None = None,
+    num_nodes: int | None = None,
+    seed: int | None = None,
+    out: Path | str | None = None,
+    resume: str = "auto",
+    label_fraction: float | None = None,
+    label_count: int | None = None,
+    eval_only: bool = False,
+    checkpoint: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> FinetuneResult:
+    """Fine-tune (or with `eval_only`, evaluate `checkpoint`) and write results.json; see the module docstring."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if eval_only:
+        if backbone not in (None, SCRATCH) and backbone:
+            raise UserError("--eval-only evaluates --checkpoint; --backbone is for training")
+        return evaluate_checkpoint(task, checkpoint, data=data, config=config, logger=logger, devices=devices,
+                                   num_nodes=num_nodes, out=out, overrides=overrides)
+    if checkpoint is not None:
+        raise UserError("--checkpoint is for --eval-only; to continue a run use --resume CKPT, to start from "
+                        "pre-trained weights use --backbone PATH")
+    if task is None:
+        raise UserError(f"--task is required (choices: {', '.join(sorted(TASKS))})")
+    entry = lookup(TASKS, task, "task")
+    flags = _task_overrides(task, detector, arch, label_fraction, label_count)
+    cfg = load_config(entry.config_path, config, apply_cli_overrides(
+        flags + list(overrides), devices=devices, num_nodes=num_nodes, seed=seed, data=data))
+    if logger is not None:
+        cfg.logging.logger = logger
+    spec = backbone if backbone is not None else str(cfg.model.backbone)
+    source: BackboneSource = resolve_backbone(spec, arch, default_arch=str(cfg.model.arch))
+    if source.arch != cfg.model.arch:
+        rank_zero_info(f"model.arch: {source.arch} (from {source.description})")
+        cfg.model.arch = source.arch
+    cfg.model.backbone = str(spec)
+    run_dir = Path(out or default_run_dir(f"finetune_{task}")).resolve()
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    datamodule = _describe_data(entry, cfg)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_run_config(cfg, run_dir)
+    rank_zero_info(f"{task}: {cfg.model.arch} from {source.description}; {cfg.model.num_classes} classes")
+    module = entry.module_class()(cfg, backbone_state=source.state, backbone_source=source.description)
+    pl_logger = make_logger(str(cfg.logging.logger), run_dir, cfg)
+    log_config(pl_logger, cfg)
+    trainer = build_trainer(cfg, run_dir, standard_callbacks(cfg, run_dir, export=False), pl_logger)
+    ckpt = find_resume_checkpoint(run_dir, resume)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    except NonFiniteLossError as exc:
+        raise UserError(str(exc)) from exc
+    final = run_dir / "checkpoints" / "final.ckpt"
+    trainer.save_checkpoint(final, weights_only=False)
+    # Evaluate the final weights, unless training just did so at this very step.
+    last = module.history[-1] if module.history else None
+    if last is None or last["step"] != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    results = module.results
+    _write_outputs(run_dir, results, module.history)
+    rank_zero_info(f"results: {json.dumps(results)}\nrun folder: {run_dir}")
+    return FinetuneResult(run_dir, results, final)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A Lightning checkpoint loaded with weights_only=True (UserError naming the file otherwise)."""
+    if not path.is_file():
+        raise UserError(f"--checkpoint: file not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"--checkpoint {path}: cannot load with weights_only=True ({type(exc).__name__}: "
+                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise UserError(f"--checkpoint {path}: not a Lightning checkpoint (no state_dict)")
+    return ckpt
+
+
+def evaluate_checkpoint(
+    task: str | None,
+    checkpoint: str | None,
+    *,
+    data: str | None = None,
+    config: str | None = None,
+    logger: str | None = None,
+    devices: int | None = None,
+    num_nodes: int | None = None,
+    out: Path | str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> FinetuneResult:
+    """Evaluate a fine-tuning checkpoint on the val split of its dataset (or `--data`); writes results.json."""
+    if checkpoint is None:
+        raise UserError("--eval-only needs --checkpoint CKPT (a checkpoint of a finetune.py run)")
+    path = Path(checkpoint).expanduser()
+    ckpt = read_checkpoint(path)
+    try:
+        saved = ckpt["hyper_parameters"]["config"]
+        saved_task = saved["task"]
+    except (KeyError, TypeError):
+        raise UserError(f"--checkpoint {path}: not a finetune.py checkpoint (no hyper_parameters.config.task); "
+                        "a pre-training checkpoint is used with --backbone instead") from None
+    if task is not None and task != saved_task:
+        raise UserError(f"--task {task} but --checkpoint {path} is a '{saved_task}' checkpoint")
+    entry = lookup(TASKS, saved_task, "task")
+    cfg = OmegaConf.create(saved)
+    OmegaConf.set_struct(cfg, True)
+    extra = apply_cli_overrides(list(overrides), devices=devices, num_nodes=num_nodes, data=data)
+    # The saved config is the base; --config / --data / key=value may change e.g. data.num_workers.
+    if config is not None:
+        cfg = _merge(cfg, _load_yaml(Path(config)), str(config))
+    if extra:
+        cfg = _merge(cfg, OmegaConf.from_dotlist(extra), f"overrides {extra}")
+    if logger is not None:
+        cfg.logging.logger = logger
+    saved_names = list(cfg.data.class_names or [])
+    datamodule = entry.datamodule_class().from_config(cfg)
+    names = list(datamodule.class_names)
+    if saved_names and names != saved_names:
+        raise UserError(f"--checkpoint {path} was trained on classes {saved_names} but the data has {names}")
+    module = entry.module_class()(cfg)
+    load_state_strict(module, ckpt["state_dict"], f"--checkpoint {path}")
+    if out is None:
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        out = run / "eval"
+    run_dir = Path(out).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pl_logger = make_logger(str(cfg.logging.logger), run_dir, cfg)
+    trainer = build_trainer(cfg, run_dir, [], pl_logger)
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    results = module.results
+    _write_outputs(run_dir, results, None)
+    rank_zero_info(f"results: {json.dumps(results)}\nwritten to {run_dir / 'results.json'}")
+    return FinetuneResult(run_dir, results, path)
