@@ -1,0 +1,192 @@
+"""FCMAE: masks, the dense-masked encoder's no-leak property, decoder/loss against a direct computation,
+export into a plain timm model, and (slow) training runs through train.py."""
+
+import pytest
+import timm
+import torch
+
+from models.fcmae import (
+    FCMAE,
+    MaskedEncoder,
+    fcmae_loss,
+    num_masked,
+    patchify,
+    random_mask,
+    unpatchify,
+    upsample_mask,
+)
+
+
+def _randomize(module: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights everywhere, including non-zero biases, LayerNorm affine and GRN gamma/beta."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (0.5 if p.ndim == 1 else 0.0))
+
+
+def _pixel_mask(mask: torch.Tensor, stride: int) -> torch.Tensor:
+    return upsample_mask(mask, stride).bool().unsqueeze(1)
+
+
+# ------------------------------------------------------------------------------------------ masks
+def test_mask_ratio_exact_per_image():
+    assert num_masked(49, 0.6) == 30  # the official 7x7 grid
+    for h, w, ratio in [(7, 7, 0.6), (4, 4, 0.6), (2, 3, 0.75), (5, 5, 0.0)]:
+        m = random_mask(16, h, w, ratio, generator=torch.Generator().manual_seed(0))
+        assert m.shape == (16, h, w)
+        assert set(m.unique().tolist()) <= {0.0, 1.0}
+        assert (m.flatten(1).sum(1) == num_masked(h * w, ratio)).all()
+    a = random_mask(4, 7, 7, 0.6, generator=torch.Generator().manual_seed(1))
+    b = random_mask(4, 7, 7, 0.6, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a[0], a[1])
+
+
+def test_patch_size_must_be_a_multiple_of_the_stride():
+    with pytest.raises(ValueError, match="multiple of the encoder's total stride"):
+        FCMAE("convnextv2_atto", patch_size=48)
+    model = FCMAE("convnextv2_atto", patch_size=64, decoder_dim=32)
+    mask = model.random_mask(torch.zeros(3, 3, 128, 128), generator=torch.Generator().manual_seed(0))
+    assert mask.shape == (3, 4, 4)
+    coarse = mask[:, ::2, ::2]
+    assert torch.equal(upsample_mask(coarse, 2), mask)  # 2x2 blocks of the final grid
+    assert (coarse.flatten(1).sum(1) == num_masked(4, 0.6)).all()
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        model(torch.zeros(1, 3, 96, 96))
+
+
+def test_patchify_roundtrip_and_layout():
+    x = torch.randn(2, 3, 64, 96)
+    p = patchify(x, 32)
+    assert p.shape == (2, 6, 32 * 32 * 3)
+    assert torch.equal(p[1, 4].reshape(32, 32, 3).permute(2, 0, 1), x[1, :, 32:64, 32:64])
+    assert torch.equal(unpatchify(p, 32, 2, 3), x)
+
+
+# ------------------------------------------------------------------------------------------ encoder
+@pytest.mark.parametrize("arch", ["convnextv2_atto", "convnextv2_tiny"])
+def test_encoder_output_at_visible_positions_ignores_masked_pixels(arch):
+    """The defining property: replace the pixels under the mask by noise -> visible outputs unchanged
+    (bit for bit). Random weights with non-zero biases and GRN parameters; tiny uses Linear MLPs
+    (channels-last GRN), atto 1x1 convs (channels-first GRN)."""
+    kwargs = {"depths": (1, 1, 2, 1), "dims": (16, 24, 32, 40)} if arch == "convnextv2_tiny" else {}
+    backbone = timm.create_model(arch, num_classes=0, global_pool="", **kwargs)
+    _randomize(backbone)
+    enc = MaskedEncoder(backbone).eval()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 128, 96, generator=g)
+    mask = random_mask(2, 4, 3, 0.6, generator=g)
+    pm = _pixel_mask(mask, 32).expand_as(images)
+    noisy = torch.where(pm, torch.randn(images.shape, generator=g) * 10, images)
+    with torch.no_grad():
+        out, out_noisy = enc(images, mask), enc(noisy, mask)
+    vis = (mask == 0).unsqueeze(1).expand_as(out)
+    assert out.shape == (2, enc.num_features, 4, 3)
+    assert out[vis].abs().sum() > 0
+    assert torch.equal(out[vis], out_noisy[vis])
+    assert (out[~vis] == 0).all()
+    # the same test catches a leak: timm's own forward on zero-filled images does depend on the noise
+    with torch.no_grad():
+        plain, plain_noisy = backbone.forward_features(images), backbone.forward_features(noisy)
+    assert not torch.allclose(plain[vis], plain_noisy[vis])
+
+
+def test_encoder_without_masking_matches_timm():
+    backbone = timm.create_model("convnextv2_atto", num_classes=0, global_pool="")
+    _randomize(backbone, seed=2)
+    enc = MaskedEncoder(backbone).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x, torch.zeros(2, 2, 2)), backbone.forward_features(x), rtol=1e-4, atol=1e-4)
+
+
+def test_encoder_rejects_non_convnextv2():
+    with pytest.raises(ValueError, match="ConvNeXt V2"):
+        MaskedEncoder(timm.create_model("convnext_atto", num_classes=0))
+
+
+# ------------------------------------------------------------------------------------------ loss
+def _direct_loss(pred, images, mask, p, norm):
+    """Loop over images and patches: mean over masked patches of the per-patch MSE."""
+    total, count = 0.0, 0
+    n, _, h, w = pred.shape
+    for i in range(n):
+        for y in range(h):
+            for x in range(w):
+                if mask[i, y, x] == 0:
+                    continue
+                t = images[i, :, y * p:(y + 1) * p, x * p:(x + 1) * p].permute(1, 2, 0).reshape(-1).double()
+                if norm:
+                    t = (t - t.mean()) / torch.sqrt(t.var(unbiased=True) + 1e-6)
+                total += ((pred[i, :, y, x].double() - t) ** 2).mean()
+                count += 1
+    return total / count
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_loss_matches_direct_computation(norm):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, 64, 96, generator=g)
+    pred = torch.randn(3, 32 * 32 * 3, 2, 3, generator=g)
+    mask = random_mask(3, 2, 3, 0.6, generator=g)
+    loss = fcmae_loss(pred, images, mask, norm_pix_loss=norm)
+    torch.testing.assert_close(loss.double(), _direct_loss(pred, images, mask, 32, norm), rtol=1e-5, atol=1e-6)
+
+
+def test_visible_patches_contribute_nothing():
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, 64, 64, generator=g)
+    pred = torch.randn(2, 32 * 32 * 3, 2, 2, generator=g, requires_grad=True)
+    mask = random_mask(2, 2, 2, 0.6, generator=g)
+    loss = fcmae_loss(pred, images, mask)
+    changed = pred.detach().clone()
+    changed[(mask == 0).unsqueeze(1).expand_as(changed)] = 1e3
+    assert torch.equal(fcmae_loss(changed, images, mask), loss.detach())
+    loss.backward()
+    assert (pred.grad.abs().sum(1)[mask == 0] == 0).all()
+    assert (pred.grad.abs().sum(1)[mask == 1] > 0).all()
+
+
+def test_fcmae_forward_shapes_and_decoder():
+    model = FCMAE("convnextv2_atto", decoder_dim=64)
+    images = torch.randn(2, 3, 64, 96)
+    loss, pred, mask = model(images)
+    assert pred.shape == (2, 32 * 32 * 3, 2, 3) and mask.shape == (2, 2, 3) and loss.ndim == 0
+    assert (mask.flatten(1).sum(1) == num_masked(6, 0.6)).all()
+    assert {"mask_token", "decoder.0.grn.gamma", "decoder.0.grn.beta"} <= model.no_weight_decay()
+    # the decoder fills masked positions with the mask token: their features do not matter
+    feats = model.forward_encoder(images, mask)
+    other = feats + 5.0 * mask.unsqueeze(1)
+    torch.testing.assert_close(model.forward_decoder(feats, mask), model.forward_decoder(other, mask))
+    rec = model.reconstruct(images, pred, mask)
+    vis = (upsample_mask(mask, 32) == 0).unsqueeze(1).expand_as(images)
+    torch.testing.assert_close(rec[vis], images[vis])
+
+
+def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = FCMAE("convnextv2_atto", decoder_dim=64)
+    # smooth images (upsampled 4x4 noise): masked patches are predictable, as in photos
+    images = torch.nn.functional.interpolate(torch.randn(4, 3, 4, 4), size=(64, 64), mode="bilinear")
+    mask = model.random_mask(images, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95))
+    losses = []
+    for _ in range(5):
+        loss, _, _ = model(images, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < losses[0] * 0.98, losses
+
+
+def test_exported_encoder_loads_strictly_into_plain_timm():
+    model = FCMAE("convnextv2_atto", decoder_dim=32)
+    _randomize(model.encoder.model, seed=3)
+    state = model.encoder.model.state_dict()
+    plain = timm.create_model("convnextv2_atto", num_classes=0)
+    plain.load_state_dict(state, strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.forward_features(x), model.encoder.model.forward_features(x))
