@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from types import SimpleNamespace
 
 import cv2
@@ -308,6 +309,19 @@ def test_dataset_is_deterministic_and_rank_dependent(bank):
     _, cells = ds.montage(5)
     assert a.labels.tolist() == [c["label"] for c in cells]
     assert a.cell_boxes.tolist() == [c["cell_box"] for c in cells]
+
+
+def test_batched_fetch_matches_single_items(bank):
+    ds = MontageDataset(MontageAssembler(bank, LAYOUT), epoch_size=8, seed=2)
+    singles = [ds[i] for i in (3, 1, 7)]
+    batch = ds.__getitems__([3, 1, 7])
+    for a, b in zip(singles, batch):
+        assert torch.equal(a.image, b.image) and torch.equal(a.labels, b.labels)
+        assert torch.equal(a.cell_boxes, b.cell_boxes) and a.index == b.index
+    collated = collate_montages(batch)
+    ds.__getitems__([0, 2])  # reuses the buffer: the collated batch must not change
+    torch.testing.assert_close(collated.images, collate_montages(singles).images, rtol=0, atol=0)
+    assert pickle.loads(pickle.dumps(ds))._buffer is None
 
 
 def test_sampler_shards_ranks_and_moves_on_each_epoch(bank):
