@@ -220,7 +220,7 @@ Machine: {r["machine"]["cpu"]}, {r["machine"]["cpus_visible"]} visible cores sha
 
 Target (montage >= 10x faster per image): {"met" if r["ratio_per_image"] >= 10 else "NOT met"} per training image,
 {"met" if r["ratio_per_sample"] >= 10 else "NOT met"} per sample image. The montage side never decodes a JPEG (the bank holds
-decoded crops); what remains is the resize of ~35k output pixels and the float conversion of the
+decoded crops); what remains is resizing the visible parts of 4 crops and the float conversion of the
 150k-value canvas, which the reference pays too. The reference's photos here are small
 ({r["photo_size_example"][0]}x{r["photo_size_example"][1]}), so its decode is cheap (decode cost grows with a photo's pixel count; the
 montage side's cost does not depend on the photo size; not measured here).
