@@ -9,9 +9,11 @@ the machine's load (it is shared and noisy; absolute times are not comparable ac
   ``--repeats`` (before and after the ERF timings, to bracket load changes), median reported. Also once
   for ``--arch`` at ``--paper-batch`` (the paper's per-GPU batch: 512 montages on 8 GPUs = 64).
 - ERF refresh: ``compute_erf`` of ``--arch`` on ``--montages`` random montages (eval mode), for each of
-  ``--methods``, then ``soft_label_weights``; timed once each.
+  ``--methods`` ("loop", "vmap" = is_grads_batched, "func" = torch.func.vmap; "auto" picks "loop" on
+  CPU and "func" on CUDA), then ``soft_label_weights``; timed once each.
 - brute force: ``compute_erf_bruteforce`` (one ``autograd.grad`` per feature position) on
-  ``--bf-montages`` montages, scaled linearly to ``--montages`` if fewer (stated in the output).
+  ``--bf-montages`` montages, scaled linearly to ``--montages`` if fewer (stated in the output). It is
+  the same algorithm as method "loop": the two rows also show the run-to-run noise.
 
 Usage: ``.venv/bin/python benchmarks/erf_refresh.py --arch resnet18 --image-size 224 --batch 8
 --montages 4 --repeats 3``; writes benchmarks/results/erf_refresh.{md,json}.
@@ -37,7 +39,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models.erf import compute_erf, compute_erf_bruteforce, soft_label_weights  # noqa: E402
+from models.erf import METHODS, compute_erf, compute_erf_bruteforce, resolve_method, soft_label_weights  # noqa: E402
 from models.heads import DenseClassifier  # noqa: E402
 from models.layout import MontageLayout  # noqa: E402
 from models.montage_losses import erf_dense_loss  # noqa: E402
@@ -57,16 +59,22 @@ class Net(nn.Module):
         return self.head(self.backbone(x))
 
 
-def _timed(fn: Callable[[], object]) -> float:
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
-def _train_step_fn(net: Net, batch: int, size: int, layout: MontageLayout) -> Callable[[], None]:
+def _train_step_fn(
+    net: Net, batch: int, size: int, layout: MontageLayout, device: torch.device
+) -> Callable[[], None]:
     g = torch.Generator().manual_seed(batch)
-    images = torch.randn(batch, 3, size, size, generator=g)
-    labels = torch.randint(0, NUM_CLASSES, (batch, 4), generator=g)
+    images = torch.randn(batch, 3, size, size, generator=g).to(device)
+    labels = torch.randint(0, NUM_CLASSES, (batch, 4), generator=g).to(device)
     with torch.no_grad():
         fh, fw = net.backbone(images[:1]).shape[-2:]
     regions = layout.position_regions((fh, fw))
@@ -92,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--paper-batch", type=int, default=64, help="per-GPU paper batch (512 / 8); 0 skips")
     p.add_argument("--montages", type=int, default=4, help="montages averaged in one ERF refresh")
     p.add_argument("--bf-montages", type=int, default=None, help="montages for brute force (default all)")
-    p.add_argument("--methods", nargs="+", default=["vmap", "func"], choices=["vmap", "func", "replicate"])
+    p.add_argument("--methods", nargs="+", default=["auto", "vmap", "func"], choices=METHODS)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--repeats", type=int, default=3, help="training steps timed per group (2 groups)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "erf_refresh")
@@ -101,27 +110,34 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     command = f"{env}.venv/bin/python benchmarks/erf_refresh.py {shlex.join(sys.argv[1:] if argv is None else argv)}"
     layout = MontageLayout((args.image_size, args.image_size))
     load_start = os.getloadavg()
     t_all = time.perf_counter()
 
-    nets = {arch: Net(arch) for arch in dict.fromkeys([*args.train_archs, args.arch])}
+    nets = {arch: Net(arch).to(device) for arch in dict.fromkeys([*args.train_archs, args.arch])}
     steps = {
-        arch: _train_step_fn(nets[arch], args.batch, args.image_size, layout) for arch in args.train_archs
+        arch: _train_step_fn(nets[arch], args.batch, args.image_size, layout, device)
+        for arch in args.train_archs
     }
     step_times: dict[str, list[float]] = {arch: [] for arch in args.train_archs}
     for arch in args.train_archs:  # warm-up (lazy init, allocator, oneDNN primitives)
         steps[arch]()
-    erf_images = torch.randn(args.montages, 3, args.image_size, args.image_size)
+    erf_images = torch.randn(args.montages, 3, args.image_size, args.image_size).to(device)
+    masks = layout.region_masks().to(device)
     backbone = nets[args.arch].backbone
     compute_erf(backbone, erf_images[:1, :, :64, :64])  # warm-up of the autograd/vmap path
+    with torch.no_grad():  # and of an eval forward at the refresh's shape
+        backbone.eval()
+        backbone(erf_images)
+        backbone.train()
 
     def time_steps() -> None:
         for _ in range(args.repeats):
             for arch in args.train_archs:
-                step_times[arch].append(_timed(steps[arch]))
+                step_times[arch].append(_timed(steps[arch], device))
 
     time_steps()
     erf_times: dict[str, float] = {}
@@ -129,22 +145,22 @@ def main(argv: list[str] | None = None) -> dict:
 
         def refresh(method: str = method) -> None:
             erf = compute_erf(backbone, erf_images, method=method)
-            soft_label_weights(erf, layout.region_masks(), tau=0.7)
+            soft_label_weights(erf, masks, tau=0.7)
 
-        erf_times[method] = _timed(refresh)
-    bf_measured = _timed(lambda: compute_erf_bruteforce(backbone, erf_images[:bf_montages]))
+        label = method if method != "auto" else f"auto={resolve_method(method, device)}"
+        erf_times[label] = _timed(refresh, device)
+    bf_measured = _timed(lambda: compute_erf_bruteforce(backbone, erf_images[:bf_montages]), device)
     bf_scaled = bf_measured * args.montages / bf_montages
     time_steps()
     paper_step, paper_times = None, []
     if args.paper_batch:  # a first step at this shape (page faults, primitives), then the timed one
-        paper_fn = _train_step_fn(nets[args.arch], args.paper_batch, args.image_size, layout)
-        paper_times = [_timed(paper_fn), _timed(paper_fn)]
+        paper_fn = _train_step_fn(nets[args.arch], args.paper_batch, args.image_size, layout, device)
+        paper_times = [_timed(paper_fn, device), _timed(paper_fn, device)]
         paper_step = paper_times[-1]
     with torch.no_grad():
         fh, fw = backbone(erf_images[:1]).shape[-2:]
 
     step_med = {arch: statistics.median(t) for arch, t in step_times.items()}
-    default = "vmap" if "vmap" in erf_times else args.methods[0]
     ref_step = step_med.get(args.arch)
     result = {
         "command": command,
@@ -172,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
         if paper_step
         else None,
         "speedup_vs_bruteforce": {m: bf_scaled / t for m, t in erf_times.items()},
-        "default_method": default,
+        "auto_method": resolve_method("auto", device),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
@@ -191,8 +208,8 @@ def _markdown(r: dict) -> str:
         r["command"],
         "```",
         "",
-        f"torch {r['torch']}, timm {r['timm']}, CPU ({r['cpu']}, {r['cpu_count']} cores shared with other "
-        f"developers), `torch.set_num_threads({r['threads']})`; load average "
+        f"torch {r['torch']}, timm {r['timm']}, device {r['device']}; CPU ({r['cpu']}, {r['cpu_count']} cores "
+        f"shared with other developers), `torch.set_num_threads({r['threads']})`; load average "
         f"{r['loadavg_start'][0]:.1f} at start, {r['loadavg_end'][0]:.1f} at end; "
         f"{r['total_seconds']:.0f} s in all. Random weights and random {size}x{size} montages (timing only).",
         "",

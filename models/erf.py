@@ -4,22 +4,26 @@ Montage pre-training (Zhou et al., ECCV 2020, Sec. 3.3).
 G[j, k] = |d sum_c X[b, c, j, k] / d image_b|, summed over RGB and averaged over the images: an (H, W)
 map per feature position (j, k). The absolute value is taken per image, before averaging.
 
-Cost: a naive loop runs one backward pass per feature position (``compute_erf_bruteforce``).
-``compute_erf`` runs one forward pass and batches the h*w backward passes over the output gradients,
-in chunks of positions. All methods rely on the images being independent in eval mode (BatchNorm uses
-running statistics): the gradient of sum_b S[b, j, k] w.r.t. the batch holds image b's own gradient in
-slot b, so one backward pass serves the whole batch exactly.
+Every method here runs ONE forward pass and relies on the images being independent in eval mode
+(BatchNorm uses running statistics): the gradient of sum_b S[b, j, k] w.r.t. the batch holds image b's
+own gradient in slot b, so one backward pass serves all images exactly. What differs is how the h*w
+backward passes (one per feature position) are run:
 
-Checked on torch 2.14 (CPU): ``autograd.grad(is_grads_batched=True)`` is exact with timm ResNets
-(eval BatchNorm, max-pool), but it runs on the legacy vmap, which has no batching rule for
-``convolution_backward``, ``native_batch_norm_backward`` or ``max_pool2d_with_indices_backward``: it
-silently loops over the positions for those ops (see
-``torch._C._debug_only_display_vmap_fallback_warnings(True)``). Its work therefore equals the plain
-loop's; it saves only Python/autograd-engine overhead. ``method="func"`` (``torch.func.vjp`` +
-``torch.func.vmap``) has real batching rules and folds the positions into the batch of each backward
-kernel (the one to prefer where the loop under-fills the device, e.g. a GPU); on CPU, which a batch of
-a few images already saturates, it gains nothing and pays for layout copies. No method reduces the
-arithmetic: an exact refresh costs about (images x h x w) input-gradient passes.
+- "loop": one ``autograd.grad`` per position over the retained graph (= ``compute_erf_bruteforce``).
+- "vmap": ``autograd.grad(..., is_grads_batched=True)`` over chunks of one-hot output gradients. Exact
+  with timm ResNets (eval BatchNorm, max-pool) on torch 2.14, but it runs on the legacy vmap, which has
+  no batching rule for ``convolution_backward``, ``native_batch_norm_backward`` or
+  ``max_pool2d_with_indices_backward`` and silently loops over the positions for them (see
+  ``torch._C._debug_only_display_vmap_fallback_warnings(True)``), then stacks the slices.
+- "func": ``torch.func.vjp`` + ``torch.func.vmap``: real batching rules, the positions are folded into
+  the batch of each backward kernel.
+
+No method reduces the arithmetic: an exact refresh costs about (images x h x w) input-gradient passes.
+Batching only pays where the loop under-fills the device. Measured on CPU
+(benchmarks/results/erf_refresh.md) the plain loop is the fastest ("vmap" and "func" add copies and
+stacking to already compute-bound kernels), so "auto" uses the loop on CPU and "func" on CUDA (there
+the loop launches h*w small backward passes; this choice is by design, not measured in this repo: run
+the benchmark with ``--device cuda`` to check). "auto" falls back to the loop if "func" raises.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ __all__ = [
     "erf_heatmap_grid",
 ]
 
-ErfMethod = Literal["auto", "vmap", "func", "replicate"]
+ErfMethod = Literal["auto", "loop", "vmap", "func"]
+METHODS: tuple[str, ...] = ("auto", "loop", "vmap", "func")
 
 
 @contextmanager
@@ -83,6 +88,15 @@ def _reduce(grads: Tensor) -> Tensor:
     return grads.abs().sum(dim=2).mean(dim=1)
 
 
+def resolve_method(method: str, device: torch.device) -> str:
+    """The concrete method "auto" stands for on ``device`` ("func" on CUDA, "loop" elsewhere)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown ERF method {method!r}: use one of {METHODS}")
+    if method != "auto":
+        return method
+    return "func" if device.type == "cuda" else "loop"
+
+
 def compute_erf(
     model: nn.Module,
     images: Tensor,
@@ -93,41 +107,30 @@ def compute_erf(
     """Exact ERF of every feature position: a tensor (h, w, H, W) on ``images.device``, float32.
 
     The model is evaluated in eval mode (each submodule's mode is restored afterwards) and no gradient
-    is accumulated into any parameter's ``.grad``. ``chunk_size`` caps how many positions share one
-    vectorised backward pass (memory grows linearly with it); None does all h*w at once.
-
-    ``method``: "vmap" = one forward, then ``autograd.grad(is_grads_batched=True)`` per chunk (legacy
-    vmap; loops internally over conv/BN backward, see the module docstring); "func" = one forward with
-    ``torch.func.vjp``, then ``torch.func.vmap`` of the VJP per chunk (truly batched kernels);
-    "replicate" = the fallback for models with an op vmap cannot handle: the batch is repeated once per
-    position of the chunk, forwarded, and one ordinary backward pass with a one-hot output gradient per
-    replica gives every position's gradient (exact too, as images are independent in eval mode; it costs
-    one forward per position). "auto" = "vmap", falling back to "replicate" if vmap raises.
+    is accumulated into any parameter's ``.grad`` (existing ones are left as they are).
+    ``chunk_size`` caps how many positions share one batched backward pass for "vmap"/"func" (memory
+    grows linearly with it; None = all h*w at once); the loop needs one position's memory only.
+    ``method``: see the module docstring; "auto" = "func" on CUDA, "loop" elsewhere.
     """
     _check_images(images)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
-    if method not in ("auto", "vmap", "func", "replicate"):
-        raise ValueError(f"unknown ERF method {method!r}: use 'auto', 'vmap', 'func' or 'replicate'")
+    concrete = resolve_method(method, images.device)
     with _eval_mode(model), torch.enable_grad():
-        if method == "replicate":
-            return _erf_replicate(model, images, chunk_size)
+        if concrete == "loop":
+            return _erf_loop(model, images)
         try:
-            return (
-                _erf_func(model, images, chunk_size)
-                if method == "func"
-                else _erf_vmap(model, images, chunk_size)
-            )
+            return (_erf_func if concrete == "func" else _erf_vmap)(model, images, chunk_size)
         except RuntimeError as err:
             if method != "auto":
                 raise
             warnings.warn(
-                f"compute_erf: vmap over output gradients failed ({err}); falling back to the "
-                "replicated-batch method (same result, one forward per position)",
+                f"compute_erf: {concrete} failed ({err}); falling back to the per-position loop (same "
+                "result)",
                 RuntimeWarning,
                 stacklevel=2,
             )
-            return _erf_replicate(model, images, chunk_size)
+            return _erf_loop(model, images)
 
 
 def _position_onehots(start: int, stop: int, s: Tensor) -> Tensor:
@@ -168,39 +171,26 @@ def _erf_func(model: nn.Module, images: Tensor, chunk_size: int | None) -> Tenso
     return out.view(h, w, *images.shape[-2:])
 
 
-def _erf_replicate(model: nn.Module, images: Tensor, chunk_size: int | None) -> Tensor:
-    b = images.shape[0]
-    with torch.no_grad():
-        h, w = _feature_map(model, images[:1]).shape[-2:]
-    n = h * w
-    step = n if chunk_size is None else chunk_size
-    out = torch.empty(n, *images.shape[-2:], device=images.device, dtype=torch.float32)
-    for start in range(0, n, step):
-        p = min(step, n - start)
-        x = images.detach().repeat(p, 1, 1, 1).requires_grad_(True)  # replica q = rows q*b .. q*b+b-1
-        s = _feature_map(model, x).sum(dim=1).view(p, b, n)
-        grad_out = torch.zeros_like(s)
-        grad_out[torch.arange(p), :, torch.arange(start, start + p)] = 1.0
-        (g,) = torch.autograd.grad(s, x, grad_outputs=grad_out)
-        out[start : start + p] = _reduce(g.view(p, b, *images.shape[1:])).float()
-    return out.view(h, w, *images.shape[-2:])
+def _erf_loop(model: nn.Module, images: Tensor) -> Tensor:
+    """One forward, then one plain ``autograd.grad`` per position (mode and grad mode set by caller)."""
+    x = images.detach().requires_grad_(True)
+    s = _feature_map(model, x).sum(dim=1)
+    _, h, w = s.shape
+    out = torch.empty(h, w, *images.shape[-2:], device=images.device, dtype=torch.float32)
+    for j in range(h):
+        for k in range(w):
+            last = j == h - 1 and k == w - 1
+            (g,) = torch.autograd.grad(s[:, j, k].sum(), x, retain_graph=not last)
+            out[j, k] = _reduce(g.unsqueeze(0))[0].float()
+    return out
 
 
 def compute_erf_bruteforce(model: nn.Module, images: Tensor) -> Tensor:
-    """Reference ERF (h, w, H, W): one plain ``autograd.grad`` call per feature position. Slow; for tests
-    and the benchmark. Same conventions as ``compute_erf``."""
+    """Reference ERF (h, w, H, W): the plain per-position ``autograd.grad`` loop, whatever the device.
+    Same conventions as ``compute_erf``; for tests and the benchmark."""
     _check_images(images)
     with _eval_mode(model), torch.enable_grad():
-        x = images.detach().requires_grad_(True)
-        s = _feature_map(model, x).sum(dim=1)
-        _, h, w = s.shape
-        out = torch.empty(h, w, *images.shape[-2:], device=images.device, dtype=torch.float32)
-        for j in range(h):
-            for k in range(w):
-                last = j == h - 1 and k == w - 1
-                (g,) = torch.autograd.grad(s[:, j, k].sum(), x, retain_graph=not last)
-                out[j, k] = _reduce(g.unsqueeze(0))[0].float()
-    return out
+        return _erf_loop(model, images)
 
 
 def position_regions_from_masks(region_masks: Tensor, feature_hw: tuple[int, int]) -> Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import timm
@@ -61,7 +63,7 @@ def test_ones_conv_by_hand() -> None:
 
 
 @pytest.mark.parametrize("chunk_size", [None, 1, 7])
-@pytest.mark.parametrize("method", ["vmap", "func", "replicate"])
+@pytest.mark.parametrize("method", ["vmap", "func", "loop", "auto"])
 def test_small_cnn_matches_bruteforce(chunk_size: int | None, method: str) -> None:
     net = _small_cnn()
     images = torch.randn(3, 3, 32, 28)
@@ -117,7 +119,7 @@ def test_mode_restored_and_no_param_grads() -> None:
     modes = [m.training for m in net.modules()]
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():  # works from a no_grad context (e.g. a validation hook)
-        for method in ("vmap", "func", "replicate"):
+        for method in ("vmap", "func", "loop"):
             compute_erf(net, images, method=method)
         compute_erf_bruteforce(net, images)
     assert [m.training for m in net.modules()] == modes
@@ -246,3 +248,39 @@ def test_heatmap_grid() -> None:
     assert isinstance(img, np.ndarray) and img.dtype == np.uint8
     assert img.shape == (32, 5 * 32 + 4 * 2, 3)
     assert erf_heatmap_grid(torch.zeros(1, 1, 8, 8)).shape == (8, 8, 3)
+
+
+def test_auto_method_resolution_and_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    from models import erf as erf_module
+
+    assert erf_module.resolve_method("auto", torch.device("cpu")) == "loop"
+    assert erf_module.resolve_method("auto", torch.device("cuda")) == "func"
+    with pytest.raises(ValueError):
+        compute_erf(_small_cnn(), torch.randn(1, 3, 16, 16), method="nope")  # type: ignore[arg-type]
+
+    class OldStyleRelu(torch.autograd.Function):  # no setup_context: torch.func cannot transform it
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+            ctx.save_for_backward(x)
+            return x.clamp_min(0)
+
+        @staticmethod
+        def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+            (x,) = ctx.saved_tensors
+            return g * (x > 0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, stride=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return OldStyleRelu.apply(self.conv(x))
+
+    net, images = Net(), torch.randn(2, 3, 15, 15)
+    with pytest.raises(RuntimeError):
+        compute_erf(net, images, method="func")
+    monkeypatch.setattr(erf_module, "resolve_method", lambda method, device: "func")
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        erf = compute_erf(net, images)
+    assert _close(erf, compute_erf_bruteforce(net, images))
