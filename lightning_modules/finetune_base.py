@@ -17,7 +17,10 @@ loss check, per-term loss logging), plus:
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -88,12 +91,36 @@ class FinetuneModule(PretrainModule):
         return x
 
     # ---- evaluation record --------------------------------------------------------------------
+    def history_file(self) -> Path | None:
+        return Path(self.trainer.default_root_dir) / "history.json" if self._trainer is not None else None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the evaluation history in the checkpoint, so a resumed run's history.json is complete."""
+        checkpoint["finetune_history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the history: the checkpoint's, plus evaluations that ran after it was written at the
+        same step (a step checkpoint is saved before that step's validation) from the run's history.json."""
+        step = int(checkpoint.get("global_step", 0))
+        merged = {int(h["step"]): h for h in checkpoint.get("finetune_history", [])}
+        path = self.history_file()
+        if path is not None and path.is_file():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                for h in json.loads(path.read_text()):
+                    if int(h["step"]) <= step:
+                        merged.setdefault(int(h["step"]), h)
+        self.history = [merged[k] for k in sorted(merged)]
+
     def record(self, metrics: dict[str, Any]) -> None:
         """Store the metrics of this validation and log them (rank 0 values are global already)."""
         if self._trainer is not None and self.trainer.sanity_checking:
             return
         self.results = metrics
         self.history.append({"step": int(self.global_step), "metrics": metrics})
+        path = self.history_file()
+        if path is not None and self.trainer.is_global_zero and self.trainer.state.fn == "fit":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.history, indent=2) + "\n")  # kept current for crashes/resumes
         flat = flatten_metrics(metrics)
         for key, value in flat.items():
             self.log(f"val/{key}", value, prog_bar=key in ("bbox/AP", "mIoU", "top1"), rank_zero_only=True)

@@ -95,3 +95,13 @@ def test_batched_augmentation_and_crops():
     assert crop.shape == (10, 10, 3)
     # window rows 2..11, cols 10..19: the object (rows 5..9) fills crop rows 3..7, nothing above
     assert crop[3:8, :].min() == 255 and crop[:2].max() == 0
+
+
+def test_rerun_resumes_and_keeps_history(tiny_embedded, tmp_path):
+    out = tmp_path / "resume"
+    common = dict(backbone="scratch", data=str(tiny_embedded), out=out, logger="none")
+    over = TINY + ["trainer.val_check_interval=1", "checkpoint.every_n_steps=1"]
+    run_finetune("classification", **common, overrides=over)
+    assert [h["step"] for h in json.loads((out / "history.json").read_text())] == [1, 2]
+    run_finetune("classification", **common, overrides=over + ["trainer.max_steps=3"])  # resume='auto'
+    assert [h["step"] for h in json.loads((out / "history.json").read_text())] == [1, 2, 3]
