@@ -59,14 +59,19 @@ class Net(nn.Module):
         return self.head(self.backbone(x))
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> float:
+Timing = dict[str, float]  # {"wall": s, "cpu": s}
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> Timing:
+    """Wall-clock and process CPU time of one call. On a shared CPU with a fixed thread count, CPU time
+    is what the computation costs and is far less sensitive to the other processes' load."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
 
 
 def _train_step_fn(
@@ -104,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--repeats", type=int, default=3, help="training steps timed per group (2 groups)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", choices=["cpu", "wall"], default=None, help="time used for ratios (cpu on CPU)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "erf_refresh")
     args = p.parse_args(argv)
     bf_montages = args.bf_montages or args.montages
@@ -122,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
         arch: _train_step_fn(nets[arch], args.batch, args.image_size, layout, device)
         for arch in args.train_archs
     }
-    step_times: dict[str, list[float]] = {arch: [] for arch in args.train_archs}
+    clock = args.clock or ("wall" if device.type == "cuda" else "cpu")
+    step_times: dict[str, list[Timing]] = {arch: [] for arch in args.train_archs}
     for arch in args.train_archs:  # warm-up (lazy init, allocator, oneDNN primitives)
         steps[arch]()
     erf_images = torch.randn(args.montages, 3, args.image_size, args.image_size).to(device)
@@ -140,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
                 step_times[arch].append(_timed(steps[arch], device))
 
     time_steps()
-    erf_times: dict[str, float] = {}
+    erf_times: dict[str, Timing] = {}
     for method in args.methods:
 
         def refresh(method: str = method) -> None:
@@ -150,23 +157,32 @@ def main(argv: list[str] | None = None) -> dict:
         label = method if method != "auto" else f"auto={resolve_method(method, device)}"
         erf_times[label] = _timed(refresh, device)
     bf_measured = _timed(lambda: compute_erf_bruteforce(backbone, erf_images[:bf_montages]), device)
-    bf_scaled = bf_measured * args.montages / bf_montages
+    erf_times["bruteforce"] = {k: v * args.montages / bf_montages for k, v in bf_measured.items()}
     time_steps()
-    paper_step, paper_times = None, []
+    paper_times: list[Timing] = []
     if args.paper_batch:  # a first step at this shape (page faults, primitives), then the timed one
         paper_fn = _train_step_fn(nets[args.arch], args.paper_batch, args.image_size, layout, device)
         paper_times = [_timed(paper_fn, device), _timed(paper_fn, device)]
-        paper_step = paper_times[-1]
     with torch.no_grad():
         fh, fw = backbone(erf_images[:1]).shape[-2:]
 
-    step_med = {arch: statistics.median(t) for arch, t in step_times.items()}
-    ref_step = step_med.get(args.arch)
+    def med(ts: list[Timing], key: str) -> float:
+        return statistics.median(t[key] for t in ts)
+
+    step_med = {arch: {key: med(ts, key) for key in ("wall", "cpu")} for arch, ts in step_times.items()}
+    ref_steps = {}
+    if args.arch in step_med:
+        ref_steps[f"{args.arch} batch {args.batch}"] = step_med[args.arch][clock]
+    if paper_times:
+        ref_steps[f"{args.arch} batch {args.paper_batch}"] = paper_times[-1][clock]
+    bf = erf_times["bruteforce"][clock]
     result = {
         "command": command,
         "torch": torch.__version__,
         "timm": timm.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": args.threads,
+        "clock": clock,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "loadavg_start": load_start,
@@ -175,21 +191,17 @@ def main(argv: list[str] | None = None) -> dict:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "feature_hw": [fh, fw],
         "backward_passes_per_refresh": args.montages * fh * fw,
+        "auto_method": resolve_method("auto", device),
         "train_step_seconds": step_times,
         "train_step_median": step_med,
-        "paper_batch_step_seconds": paper_step,
-        "paper_batch_step_seconds_incl_first": paper_times,
-        "erf_refresh_seconds": erf_times,
-        "bruteforce_seconds_measured": bf_measured,
+        "paper_batch_step_seconds": paper_times,  # [first at this shape, timed]
+        "erf_refresh_seconds": erf_times,  # "bruteforce" scaled to --montages
         "bruteforce_montages": bf_montages,
-        "bruteforce_seconds_scaled": bf_scaled,
-        "refresh_in_steps": {m: t / ref_step for m, t in erf_times.items()} if ref_step else None,
-        "refresh_in_paper_batch_steps": {m: t / paper_step for m, t in erf_times.items()}
-        if paper_step
-        else None,
-        "speedup_vs_bruteforce": {m: bf_scaled / t for m, t in erf_times.items()},
-        "auto_method": resolve_method("auto", device),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "bruteforce_seconds_measured": bf_measured,
+        "refresh_in_steps": {
+            ref: {m: t[clock] / step for m, t in erf_times.items()} for ref, step in ref_steps.items()
+        },
+        "speedup_vs_bruteforce": {m: bf / t[clock] for m, t in erf_times.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
@@ -200,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _markdown(r: dict) -> str:
     a = r["args"]
-    size, arch = a["image_size"], a["arch"]
+    size, arch, clock = a["image_size"], a["arch"], r["clock"]
     lines = [
         "# ERF refresh cost",
         "",
@@ -211,60 +223,48 @@ def _markdown(r: dict) -> str:
         f"torch {r['torch']}, timm {r['timm']}, device {r['device']}; CPU ({r['cpu']}, {r['cpu_count']} cores "
         f"shared with other developers), `torch.set_num_threads({r['threads']})`; load average "
         f"{r['loadavg_start'][0]:.1f} at start, {r['loadavg_end'][0]:.1f} at end; "
-        f"{r['total_seconds']:.0f} s in all. Random weights and random {size}x{size} montages (timing only).",
+        f"{r['total_seconds']:.0f} s in all. Random weights and random {size}x{size} montages (timing only). "
+        f"Ratios use **{clock}** time (process CPU time with a fixed thread count is robust to the other "
+        "processes on a shared CPU; wall time shown beside it).",
         "",
         "## Training step (forward + backward + SGD step, train mode, backbone + 1x1 dense head, ERF-dense loss)",
         "",
-        "| backbone | batch | median s/step | all timings (s) |",
-        "|---|---|---|---|",
+        f"| backbone | batch | median {clock} s/step | median wall s/step | all {clock} timings (s) |",
+        "|---|---|---|---|---|",
     ]
     for net, times in r["train_step_seconds"].items():
+        m = r["train_step_median"][net]
         lines.append(
-            f"| {net} | {a['batch']} | {r['train_step_median'][net]:.2f} | {', '.join(f'{t:.2f}' for t in times)} |"
+            f"| {net} | {a['batch']} | {m[clock]:.2f} | {m['wall']:.2f} | "
+            f"{', '.join(f'{t[clock]:.2f}' for t in times)} |"
         )
     if r["paper_batch_step_seconds"]:
+        first, timed = r["paper_batch_step_seconds"]
         lines.append(
-            f"| {arch} | {a['paper_batch']} (paper per-GPU) | {r['paper_batch_step_seconds']:.2f} | "
-            f"second step; first at this shape {r['paper_batch_step_seconds_incl_first'][0]:.2f} |"
+            f"| {arch} | {a['paper_batch']} (paper per-GPU) | {timed[clock]:.2f} | {timed['wall']:.2f} | "
+            f"one step after a first one at this shape ({first[clock]:.2f}) |"
         )
     fh, fw = r["feature_hw"]
+    refs = list(r["refresh_in_steps"])
     lines += [
         "",
-        f"## ERF refresh of {arch} ({a['montages']} montages, feature map {fh}x{fw} = "
-        f"{fh * fw} positions, i.e. {r['backward_passes_per_refresh']} image-position input-gradient passes)",
+        f"## ERF refresh of {arch}: {a['montages']} montages, feature map {fh}x{fw} = {fh * fw} positions, "
+        f"i.e. {r['backward_passes_per_refresh']} image-position input-gradient passes",
         "",
-        f"| method | refresh s | x {arch} step (batch {a['batch']}) | "
-        + (f"x {arch} step (batch {a['paper_batch']}) | " if r["refresh_in_paper_batch_steps"] else "")
-        + "speed-up vs brute force |",
-        "|---|---|---|" + ("---|" if r["refresh_in_paper_batch_steps"] else "") + "---|",
+        f"| method | {clock} s | wall s | "
+        + " | ".join(f"x step ({ref})" for ref in refs)
+        + " | speed-up vs brute force |",
+        "|---|---|---|" + "---|" * len(refs) + "---|",
     ]
+    bf_m = r["bruteforce_montages"]
     for m, t in r["erf_refresh_seconds"].items():
-        row = f"| compute_erf(method={m!r}) | {t:.1f} | "
-        row += f"{r['refresh_in_steps'][m]:.1f} | " if r["refresh_in_steps"] else "n/a | "
-        if r["refresh_in_paper_batch_steps"]:
-            row += f"{r['refresh_in_paper_batch_steps'][m]:.2f} | "
-        row += f"{r['speedup_vs_bruteforce'][m]:.2f}x |"
-        lines.append(row)
-    bf_note = (
-        ""
-        if r["bruteforce_montages"] == a["montages"]
-        else f" (measured on {r['bruteforce_montages']} montages: {r['bruteforce_seconds_measured']:.1f} s, "
-        f"scaled x{a['montages'] / r['bruteforce_montages']:g})"
-    )
-    lines.append(
-        f"| compute_erf_bruteforce (loop) | {r['bruteforce_seconds_scaled']:.1f}{bf_note} | "
-        + (
-            f"{r['bruteforce_seconds_scaled'] / r['train_step_median'][arch]:.1f} | "
-            if r["refresh_in_steps"]
-            else "n/a | "
+        name = f"compute_erf(method={m!r})" if m != "bruteforce" else "compute_erf_bruteforce (loop)"
+        if m == "bruteforce" and bf_m != a["montages"]:
+            name += f" on {bf_m} montages, scaled x{a['montages'] / bf_m:g}"
+        ratios = " | ".join(f"{r['refresh_in_steps'][ref][m]:.2f}" for ref in refs)
+        lines.append(
+            f"| {name} | {t[clock]:.1f} | {t['wall']:.1f} | {ratios} | {r['speedup_vs_bruteforce'][m]:.2f}x |"
         )
-        + (
-            f"{r['bruteforce_seconds_scaled'] / r['paper_batch_step_seconds']:.2f} | "
-            if r["refresh_in_paper_batch_steps"]
-            else ""
-        )
-        + "1.00x |"
-    )
     lines.append("")
     return "\n".join(lines)
 
