@@ -53,6 +53,10 @@ register(METHODS, Entry(
     "datamodules.montage:MontageDataModule",
     "montage.yaml",
 ))
+register(METHODS, Entry(
+    "fcmae", "ConvNeXt V2 FCMAE masked-image pre-training with GRN (Woo et al., CVPR 2023)",
+    "lightning_modules.fcmae:FCMAEModule", "datamodules.masked:MaskedDataModule", "fcmae.yaml",
+))
 
 # Fine-tuning tasks (finetune.py --task NAME); run logic in cheaplunch/finetune.py.
 register(TASKS, Entry(

@@ -1,6 +1,8 @@
 """FCMAE: masks, the dense-masked encoder's no-leak property, decoder/loss against a direct computation,
 export into a plain timm model, and (slow) training runs through train.py."""
 
+import json
+
 import pytest
 import timm
 import torch
@@ -190,3 +192,129 @@ def test_exported_encoder_loads_strictly_into_plain_timm():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(plain.forward_features(x), model.encoder.model.forward_features(x))
+
+
+# ------------------------------------------------------------------------------------------ data + module
+def _cfg(root, *overrides):
+    from cheaplunch.config import load_config
+    from cheaplunch.registry import METHODS
+
+    return load_config(METHODS["fcmae"].config_path, None, [
+        f"data.root={root}", "data.image_size=64", "data.batch_size=4", "data.num_workers=0",
+        "model.decoder_dim=64", *overrides])
+
+
+def test_datamodule_batches_masks_and_determinism(tiny_embedded):
+    from datamodules.masked import MaskedDataModule
+
+    def first_batches(seed, epoch=0):
+        dm = MaskedDataModule.from_config(_cfg(tiny_embedded, f"seed={seed}"))
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        return next(iter(loader))
+
+    a, b = first_batches(0), first_batches(0)
+    assert a.images.shape == (4, 3, 64, 64) and a.images.dtype == torch.float32
+    assert a.mask.shape == (4, 2, 2)
+    assert (a.mask.flatten(1).sum(1) == num_masked(4, 0.6)).all()
+    assert torch.equal(a.images, b.images) and torch.equal(a.mask, b.mask) and torch.equal(a.keys, b.keys)
+    c, d = first_batches(1), first_batches(0, epoch=1)
+    assert not torch.equal(a.images, c.images)
+    assert not torch.equal(a.images, d.images) and (d.keys >= 12).all()  # epoch 1: fresh draws
+
+
+def test_datamodule_rejects_bad_patch_size(tiny_embedded):
+    from cheaplunch.errors import UserError
+    from datamodules.masked import MaskedDataModule
+
+    with pytest.raises(UserError, match="multiple of the encoder's total stride 32"):
+        MaskedDataModule.from_config(_cfg(tiny_embedded, "model.patch_size=16"))
+    with pytest.raises(UserError, match="multiple of patch_size"):
+        MaskedDataModule.from_config(_cfg(tiny_embedded, "data.image_size=80"))
+
+
+def test_weight_decay_groups_and_peak_lr(tiny_embedded):
+    from lightning_modules.fcmae import FCMAEModule
+
+    module = FCMAEModule(_cfg(tiny_embedded, "data.batch_size=64", "optim.lr=1.5e-4"))
+    opt = module.configure_optimizers()
+    names = {id(p): n for n, p in module.named_parameters()}
+    decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    no_decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert all(g["weight_decay"] in (0.0, 0.05) for g in opt.param_groups)
+    assert opt.defaults["betas"] == (0.9, 0.95) and type(opt).__name__ == "AdamW"
+    assert module.peak_lr == pytest.approx(1.5e-4 * 64 / 256)
+    assert {"fcmae.mask_token", "fcmae.decoder.0.grn.gamma", "fcmae.decoder.0.grn.beta",
+            "backbone.stages.0.blocks.0.mlp.grn.weight", "backbone.stages.0.blocks.0.mlp.grn.bias",
+            "backbone.stem.0.bias", "backbone.stem.1.weight"} <= no_decay
+    assert all(module.get_parameter(n).ndim > 1 for n in decay) and all("grn" not in n for n in decay)
+    assert "backbone.stem.0.weight" in decay and "fcmae.pred.weight" in decay
+
+
+def test_module_steps_reduce_the_loss_on_a_fixed_real_batch(tiny_embedded):
+    from datamodules.masked import MaskedDataModule
+    from lightning_modules.fcmae import FCMAEModule
+
+    torch.manual_seed(0)
+    cfg = _cfg(tiny_embedded, "optim.lr=2e-2")  # lr 2e-2 x 4/256 = 3e-4
+    batch = next(iter(MaskedDataModule.from_config(cfg).train_dataloader()))
+    module = FCMAEModule(cfg)
+    opt = module.configure_optimizers()
+    losses = []
+    for _ in range(4):
+        out = module.compute_losses(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(float(out["loss_recon"]))
+    assert out["mask_ratio"] == pytest.approx(0.75)
+    assert losses[-1] < losses[0], losses
+
+
+# ------------------------------------------------------------------------------------------ end to end (slow)
+def _train(tmp_path, data, *args, env_extra=None, timeout=300):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore",
+           **(env_extra or {})}
+    env.pop("LOCAL_RANK", None)
+    cmd = [sys.executable, "train.py", "--method", "fcmae", "--data", str(data), "--out", str(tmp_path / "run"),
+           "trainer.accelerator=cpu", "data.image_size=64", "data.batch_size=4", "data.num_workers=0",
+           "model.decoder_dim=64", "trainer.log_every_n_steps=1", *args]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp_path / "run"
+
+
+@pytest.mark.slow
+def test_train_py_end_to_end_exports_a_plain_timm_encoder(tmp_path, tiny_embedded):
+    run = _train(tmp_path, tiny_embedded, "trainer.max_steps=3", "logging.images_every_n_steps=2")
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    pictures = sorted((run / "images" / "fcmae_reconstruction").glob("*.png"))
+    assert len(pictures) == 2 * 4  # steps 0 and 2, 4 images each
+    assert list((run / "wandb").glob("offline-run-*/files/media/images/fcmae/reconstruction*.png"))
+    state = torch.load(run / "backbone.pt", map_location="cpu", weights_only=True)
+    plain = timm.create_model("convnextv2_atto", num_classes=0)
+    plain.load_state_dict(state, strict=True)  # the head (classifier) is left out, nothing else
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    trained = {k[len("backbone."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
+    assert all(torch.equal(state[k], trained[k]) for k in state)
+    fresh = timm.create_model("convnextv2_atto", num_classes=0).state_dict()
+    assert not torch.equal(state["stem.0.weight"], fresh["stem.0.weight"])  # trained, not a fresh init
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path, tiny_embedded):
+    run = _train(tmp_path, tiny_embedded, "trainer.max_steps=2", "trainer.devices=2", "trainer.strategy=ddp",
+                 "logging.audit_ranks=true", "--logger", "csv", env_extra={"MASTER_PORT": "29517"})
+    state = torch.load(run / "backbone.pt", map_location="cpu", weights_only=True)
+    timm.create_model("convnextv2_atto", num_classes=0).load_state_dict(state, strict=True)
+    audits = [json.loads(p.read_text()) for p in sorted((run / "audit").glob("rank*.json"))]
+    assert len(audits) == 2 and {a["world_size"] for a in audits} == {2}
+    assert audits[0]["weights_sha256"] == audits[1]["weights_sha256"]  # DDP kept the replicas identical
+    # 12 images / 2 ranks / batch 4: one step per epoch; within an epoch the ranks see disjoint images
+    assert len(audits[0]["indices"]) == 2 * 4 and not set(audits[0]["indices"][:4]) & set(audits[1]["indices"][:4])

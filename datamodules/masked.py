@@ -1,0 +1,240 @@
+"""Masked-image batches for FCMAE pre-training (ConvNeXt V2, Woo et al. 2023; official main_pretrain.py).
+
+Per image: RandomResizedCrop(image_size, scale=(0.2, 1), ratio=(3/4, 4/3), bicubic) + horizontal flip
+(p=0.5), ImageNet normalisation, and a random patch mask on the (image_size / patch_size)^2 grid with
+exactly ``models.fcmae.num_masked(L, mask_ratio)`` masked patches (1 = masked). ``patch_size`` must be a
+multiple of the encoder's total stride (32 for every ConvNeXt V2) and divide ``image_size``: checked
+up front with a clear error.
+
+Determinism: the sampler yields *draw keys* ``epoch * len(dataset) + index`` (a shuffled, rank-sharded
+permutation per epoch); the dataset item for key k is image ``k % n`` augmented and masked with
+``numpy.random.default_rng([seed, k])`` -- the same for any number of workers, and new every epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from cheaplunch.errors import UserError
+from datamodules.readers import IMAGE_SUFFIXES, read_image
+from models.fcmae import num_masked
+
+CONVNEXT_STRIDE = 32  # total stride of every ConvNeXt (V1/V2) encoder: stem 4 x three 2x downsamplings
+
+
+@dataclass
+class MaskedBatch:
+    """A batch of masked images (a dataclass: Lightning moves its tensors to the device)."""
+
+    images: torch.Tensor  # (B, 3, H, W) float32, ImageNet-normalised
+    mask: torch.Tensor  # (B, H / patch, W / patch) float32, 1 = masked
+    index: torch.Tensor  # (B,) int64: index of the source image in the dataset's file list
+    keys: torch.Tensor  # (B,) int64: draw keys (epoch * n + index), the per-item RNG seed
+
+
+def list_images(root: str | os.PathLike) -> list[Path]:
+    """Image files under `root` (recursively, so ImageFolder class folders work too), sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"image folder not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise UserError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    return files
+
+
+def random_resized_crop_box(
+    h: int, w: int, rng: np.random.Generator, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop parameters (10 tries of area-scale x log-uniform aspect, then a
+    centre crop clamped to `ratio`) drawn from `rng`: (x, y, width, height)."""
+    area = h * w
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1)), cw, ch
+    in_ratio = w / h
+    if in_ratio < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        ch, cw = h, int(round(h * ratio[1]))
+    else:
+        cw, ch = w, h
+    return (w - cw) // 2, (h - ch) // 2, cw, ch
+
+
+def patch_mask(rng: np.random.Generator, gh: int, gw: int, mask_ratio: float) -> np.ndarray:
+    """(gh, gw) float32 mask with exactly num_masked(gh*gw, ratio) ones at random places."""
+    L = gh * gw
+    mask = np.zeros(L, np.float32)
+    mask[rng.permutation(L)[: num_masked(L, mask_ratio)]] = 1.0
+    return mask.reshape(gh, gw)
+
+
+class MaskedImageDataset(Dataset):
+    """Item for draw key k: (uint8 HxWx3 crop, mask, image index, k)."""
+
+    def __init__(
+        self,
+        files: list[Path],
+        image_size: int = 224,
+        patch_size: int = 32,
+        mask_ratio: float = 0.6,
+        crop_scale: tuple[float, float] = (0.2, 1.0),
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        flip_p: float = 0.5,
+        seed: int = 0,
+    ) -> None:
+        self.files = list(files)
+        self.image_size, self.patch_size, self.mask_ratio = int(image_size), int(patch_size), float(mask_ratio)
+        self.crop_scale, self.crop_ratio, self.flip_p, self.seed = tuple(crop_scale), tuple(crop_ratio), flip_p, seed
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: int) -> tuple[np.ndarray, np.ndarray, int, int]:
+        index = int(key) % len(self.files)
+        rng = np.random.default_rng([self.seed, int(key)])
+        image = read_image(self.files[index])
+        x, y, cw, ch = random_resized_crop_box(*image.shape[:2], rng, self.crop_scale, self.crop_ratio)
+        s = self.image_size
+        crop = cv2.resize(image[y:y + ch, x:x + cw], (s, s), interpolation=cv2.INTER_CUBIC)  # bicubic, as official
+        if rng.random() < self.flip_p:
+            crop = cv2.flip(crop, 1)
+        g = s // self.patch_size
+        return crop, patch_mask(rng, g, g, self.mask_ratio), index, int(key)
+
+
+class EpochKeySampler(DistributedSampler):
+    """A seeded shuffle per epoch, sharded over ranks (drop_last under DDP: no image twice in a step),
+    yielding draw keys ``epoch * n + index``. A DistributedSampler so Lightning keeps it and calls
+    ``set_epoch``."""
+
+    def __init__(self, dataset: MaskedImageDataset, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=num_replicas > 1)
+
+    def __iter__(self):
+        base = self.epoch * len(self.dataset)  # type: ignore[arg-type]
+        return (base + i for i in super().__iter__())
+
+
+def collate_masked(items: list[tuple[np.ndarray, np.ndarray, int, int]]) -> MaskedBatch:
+    from datamodules.montage import normalize_uint8  # LUT-based uint8 -> normalised float (shared)
+
+    return MaskedBatch(
+        images=normalize_uint8([it[0] for it in items]),
+        mask=torch.from_numpy(np.stack([it[1] for it in items])),
+        index=torch.tensor([it[2] for it in items], dtype=torch.long),
+        keys=torch.tensor([it[3] for it in items], dtype=torch.long),
+    )
+
+
+def check_geometry(image_size: int, patch_size: int, stride: int = CONVNEXT_STRIDE) -> None:
+    if patch_size <= 0 or patch_size % stride:
+        raise UserError(f"patch_size {patch_size} must be a positive multiple of the encoder's total stride {stride}")
+    if image_size % patch_size:
+        raise UserError(f"data.image_size {image_size} must be a multiple of patch_size {patch_size}")
+
+
+class MaskedDataModule(L.LightningDataModule):
+    """Train images of a dataset (``datamodules.layout.resolve_dataset``; the embedded set when
+    ``data_root`` is None) as ``MaskedBatch``es."""
+
+    def __init__(
+        self,
+        data_root: str | os.PathLike | None = None,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        image_size: int = 224,
+        patch_size: int = 32,
+        mask_ratio: float = 0.6,
+        crop_scale: tuple[float, float] = (0.2, 1.0),
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        flip_p: float = 0.5,
+        seed: int = 0,
+        embedded_size: int = 300,
+        pin_memory: bool = True,
+        stride: int = CONVNEXT_STRIDE,
+    ) -> None:
+        super().__init__()
+        check_geometry(image_size, patch_size, stride)
+        num_masked(1, mask_ratio)
+        self.data_root, self.embedded_size, self.seed = data_root, embedded_size, seed
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.dataset_kwargs = dict(image_size=image_size, patch_size=patch_size, mask_ratio=mask_ratio,
+                                   crop_scale=tuple(crop_scale), crop_ratio=tuple(crop_ratio), flip_p=flip_p, seed=seed)
+        self._train: MaskedImageDataset | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> MaskedDataModule:
+        """From the run config: cfg.seed, cfg.data.* and cfg.model.{patch_size, mask_ratio} (configs/fcmae.yaml)."""
+        d, m = cfg.data, cfg.model
+        return cls(
+            data_root=d.get("root"), batch_size=int(d.batch_size), num_workers=int(d.num_workers),
+            image_size=int(d.image_size), patch_size=int(m.patch_size), mask_ratio=float(m.mask_ratio),
+            crop_scale=tuple(d.crop_scale), crop_ratio=tuple(d.crop_ratio), flip_p=float(d.flip_p),
+            seed=int(cfg.get("seed", 0)), embedded_size=int(d.get("embedded_size", 300)),
+            pin_memory=bool(d.get("pin_memory", True)),
+        )
+
+    def prepare_data(self) -> None:
+        self._files()  # builds the embedded dataset on first use (local rank 0)
+
+    def _files(self) -> list[Path]:
+        from datamodules.layout import resolve_dataset
+
+        return list_images(resolve_dataset(self.data_root, embedded_size=self.embedded_size, seed=self.seed).train_images)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._train is None:
+            self._train = MaskedImageDataset(self._files(), **self.dataset_kwargs)
+
+    @property
+    def train_dataset(self) -> MaskedImageDataset:
+        self.setup()
+        assert self._train is not None
+        return self._train
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.train_dataset
+        world = int(self.trainer.world_size) if self.trainer is not None else 1
+        rank = int(self.trainer.global_rank) if self.trainer is not None else 0
+        return DataLoader(
+            dataset, batch_size=self.batch_size, drop_last=True,
+            sampler=EpochKeySampler(dataset, num_replicas=world, rank=rank, seed=self.seed),
+            num_workers=self.num_workers, collate_fn=collate_masked,
+            pin_memory=self.pin_memory and torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
+        )
+
+    def write_preview(self, out_dir: str | os.PathLike, n: int = 8) -> list[Path]:
+        """PNG per item of the first epoch: the crop and the masked crop (masked patches grey) side by side."""
+        from PIL import Image
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dataset, paths = self.train_dataset, []
+        p = dataset.patch_size
+        for k in range(min(n, len(dataset))):
+            crop, mask, index, _ = dataset[k]
+            masked = crop.copy()
+            masked[np.kron(mask, np.ones((p, p), np.float32)) > 0] = 128
+            path = out_dir / f"masked_{k:03d}_{dataset.files[index].stem}.png"
+            Image.fromarray(np.concatenate([crop, masked], axis=1)).save(path)
+            paths.append(path)
+        return paths
