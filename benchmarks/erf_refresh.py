@@ -265,7 +265,39 @@ def _markdown(r: dict) -> str:
         lines.append(
             f"| {name} | {t[clock]:.1f} | {t['wall']:.1f} | {ratios} | {r['speedup_vs_bruteforce'][m]:.2f}x |"
         )
-    lines.append("")
+    passes = r["backward_passes_per_refresh"]
+    methods = sorted(
+        (m for m in r["erf_refresh_seconds"] if m != "bruteforce"),
+        key=lambda m: r["erf_refresh_seconds"][m][clock],
+    )
+    best = methods[0]
+    measured = "; ".join(
+        f"{r['refresh_in_steps'][ref][best]:.1f} steps at {ref} ({'met' if r['refresh_in_steps'][ref][best] <= 5 else 'not met'})"
+        for ref in refs
+    )
+    lines += [
+        "",
+        "## Reading it",
+        "",
+        f"- Arithmetic sets the ratio: an exact refresh is one forward of the {a['montages']} montages plus "
+        f"{passes} input-gradient passes (one per image and feature position, each about one forward, no "
+        "weight gradients), a training step about 3 forwards per image, so a refresh costs about "
+        f"{passes} / (3 x batch) steps. No exact method changes that count; batching over positions can "
+        "only remove overhead or fill a device better.",
+        f"- Target <= 5 steps: by that count it needs a batch of about {-(-passes // 15)} or more. Measured "
+        f"with the fastest method: {measured}. The cost is proportional to the montages averaged "
+        "(`--montages`); refreshed every 5,000 steps (the paper), 10 steps would be 0.2 % of training.",
+        "- `is_grads_batched=True` runs on torch's legacy vmap, which has no batching rule for "
+        "`convolution_backward`, `native_batch_norm_backward` or `max_pool2d_with_indices_backward` and loops "
+        "over the positions for them (then stacks the slices): the loop's work plus copies. "
+        "`torch.func.vmap` (method 'func') batches for real but pays layout copies. "
+        f"Measured order here, fastest first: {', '.join(methods)}. `auto` is the loop on CPU and 'func' on "
+        "CUDA, where the loop would launch h*w small backward passes (the CUDA choice is not measured in "
+        "this file unless it says device cuda).",
+        "- The brute-force row runs the same algorithm as method 'loop'; their difference shows the timing "
+        "noise.",
+        "",
+    ]
     return "\n".join(lines)
 
 
