@@ -3,10 +3,17 @@
 Backbone -> 1x1-conv dense classifier -> one of three objectives (cfg.model.objective):
 `global` (area-weighted mixed label), `blockwise` (per-region pooling) or `erf_dense` (soft labels from
 the effective receptive fields, refreshed by callbacks.erf_refresh.ERFRefresh).
+
+Batches arrive as uint8 montages (datamodules/montage.py ``MontageBatch``); ``on_after_batch_transfer``
+normalises them on the device (``normalize_images``: ImageNet mean/std, float32, in the model's memory
+format), so ``training_step``/``compute_losses`` see float images. That hook is the one place where this
+happens: ``compute_losses`` rejects a uint8 batch with a clear error (a caller that builds batches by
+hand, as the tests do, applies ``on_after_batch_transfer(batch, 0)`` first, exactly as Lightning does).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -15,14 +22,13 @@ from omegaconf import DictConfig
 
 from callbacks.erf_refresh import ERFRefresh
 from callbacks.image_logging import log_images
+from datamodules.montage import MontageBatch, denormalize, normalize_images
 from lightning_modules.base import PretrainModule
 from models.heads import DenseClassifier
 from models.layout import MontageLayout
 from models.montage_losses import blockwise_loss, erf_dense_loss, global_loss
 
 OBJECTIVES = ("global", "blockwise", "erf_dense")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class MontageModule(PretrainModule):
@@ -68,9 +74,22 @@ class MontageModule(PretrainModule):
         """Dense class logits (B, K, h, w)."""
         return self.classifier(self.backbone(images))
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """uint8 montages -> ImageNet-normalised float32 on the device, channels-last if
+        ``runtime.channels_last`` (``normalize_images``); other batches pass through."""
+        if isinstance(batch, MontageBatch) and batch.images.dtype == torch.uint8:
+            images = normalize_images(batch.images, channels_last=bool(self.cfg.runtime.channels_last))
+            return dataclasses.replace(batch, images=images)
+        return batch
+
     def compute_losses(self, batch: Any) -> dict[str, torch.Tensor]:
         images = batch.images
-        if self.cfg.runtime.channels_last:
+        if not images.is_floating_point():
+            raise TypeError(
+                f"compute_losses got {images.dtype} images: montage batches are normalised in "
+                "on_after_batch_transfer; apply module.on_after_batch_transfer(batch, 0) to a hand-made batch"
+            )
+        if self.cfg.runtime.channels_last:  # no-op for batches from on_after_batch_transfer
             images = images.contiguous(memory_format=torch.channels_last)
         logits = self(images)
         labels = batch.labels
@@ -116,14 +135,6 @@ def _label_name(label: int, names: list[str] | None) -> str:
     if names is not None and label < len(names):
         return names[label]
     return str(label)
-
-
-def denormalize(images: torch.Tensor) -> list:
-    """(B, 3, H, W) ImageNet-normalised -> list of HxWx3 uint8 arrays."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    pixels = ((images.detach().float() * std + mean).clamp(0, 1) * 255).round().byte()
-    return [im.permute(1, 2, 0).cpu().numpy() for im in pixels]
 
 
 def draw_cell_borders(image, layout: MontageLayout, colour: tuple[int, int, int] = (255, 255, 0)):

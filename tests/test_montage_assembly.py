@@ -1,6 +1,7 @@
 """Montage assembly (datamodules/montage.py): layout rules, the no-warp property checked against an
 independent computation from the source image, zero padding, short-group fallback, dataset
-determinism and sharding, the typed batch and its normalisation, the DataModule and previews."""
+determinism and sharding, the typed uint8 batch and the (on-device) normalisation, the DataModule and
+previews."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from PIL import Image
 from cheaplunch.errors import UserError
 from datamodules.montage import (
     CELL_KEYS,
+    ERF_STREAM,
     IMAGENET_MEAN,
     IMAGENET_STD,
     MontageAssembler,
@@ -25,7 +27,10 @@ from datamodules.montage import (
     MontageDataModule,
     MontageDataset,
     MontageSampler,
+    _normalize_affine,
     collate_montages,
+    denormalize,
+    normalize_images,
     normalize_uint8,
     write_preview,
 )
@@ -338,24 +343,60 @@ def test_sampler_shards_ranks_and_moves_on_each_epoch(bank):
     assert list(single) == list(range(10))
 
 
-def test_collate_builds_a_normalised_typed_batch(bank):
+def test_collate_builds_a_uint8_typed_batch(bank):
     ds = MontageDataset(MontageAssembler(bank, LAYOUT), epoch_size=8, seed=0)
     items = [ds[i] for i in range(5)]
     batch = collate_montages(items)
     assert isinstance(batch, MontageBatch) and len(batch) == 5
-    assert batch.images.shape == (5, 3, 224, 224) and batch.images.dtype == torch.float32
-    assert batch.images.is_contiguous()
+    # uint8, channels-first shape over channels-last memory (the canvases copied as they are)
+    assert batch.images.shape == (5, 3, 224, 224) and batch.images.dtype == torch.uint8
+    assert batch.images.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch.images, torch.stack([it.image for it in items]).permute(0, 3, 1, 2))
     assert batch.labels.shape == (5, 4) and batch.labels.dtype == torch.long
     assert batch.cell_boxes.shape == (5, 4, 4) and batch.cell_boxes.dtype == torch.long
     assert batch.index.tolist() == [0, 1, 2, 3, 4] and batch.index.dtype == torch.long
-    raw = torch.stack([it.image for it in items]).permute(0, 3, 1, 2).double() / 255
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
-    torch.testing.assert_close(batch.images.double(), (raw - mean) / std, atol=1e-5, rtol=0)
     moved = batch.to("cpu")
     assert isinstance(moved, MontageBatch) and torch.equal(moved.labels, batch.labels)
+    assert torch.equal(moved.images, batch.images)
     if torch.cuda.is_available():
-        assert batch.pin_memory().images.is_pinned()
+        pinned = batch.pin_memory().images
+        assert pinned.is_pinned() and torch.equal(pinned, batch.images)
+    with pytest.raises(ValueError):
+        collate_montages([items[0]._replace(image=torch.zeros(224, 224, 3))])
+
+
+def _direct_normalisation(images: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    return (images.cpu().double() / 255 - mean) / std
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_normalize_images_equals_the_direct_computation(bank, device):
+    """The on-device normalisation (``normalize_images``) == (x / 255 - mean) / std, for every uint8 value,
+    from either input layout, in the requested memory format; ``denormalize`` inverts it exactly."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    ds = MontageDataset(MontageAssembler(bank, LAYOUT), epoch_size=8, seed=0)
+    montages = collate_montages([ds[i] for i in range(3)]).images  # channels-last uint8
+    ramp = torch.arange(256, dtype=torch.uint8).repeat(3, 1).view(1, 3, 16, 16)  # every value, per channel
+    for raw in (montages, montages.contiguous(), ramp):
+        x = raw.to(device)
+        for channels_last in (False, True):
+            y = normalize_images(x, channels_last=channels_last)
+            assert y.dtype == torch.float32 and y.device == x.device and y.shape == raw.shape
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            assert y.is_contiguous(memory_format=fmt)
+            torch.testing.assert_close(y.cpu().double(), _direct_normalisation(raw), atol=1e-6, rtol=0)
+            assert np.array_equal(denormalize(y), raw.permute(0, 2, 3, 1).numpy())
+            if device == "cpu":  # the accelerator arithmetic, run on the CPU (no GPU needed to check it)
+                z = _normalize_affine(x, channels_last)
+                assert z.dtype == torch.float32 and z.is_contiguous(memory_format=fmt)
+                torch.testing.assert_close(z.double(), _direct_normalisation(raw), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError):
+        normalize_images(montages.float())
+    with pytest.raises(ValueError):
+        normalize_images(montages.permute(0, 2, 3, 1))  # (B, H, W, 3): not the batch layout
     with pytest.raises(ValueError):
         normalize_uint8([np.zeros((4, 4, 3), np.float32)])
 
@@ -389,11 +430,15 @@ def test_datamodule_builds_once_and_serves_batches(datamodule, tmp_path):
     loader = dm.train_dataloader()
     batch = next(iter(loader))
     assert isinstance(batch, MontageBatch) and batch.images.shape == (4, 3, 160, 160)
+    assert batch.images.dtype == torch.uint8  # the loader emits uint8; normalised on the device
     assert batch.index.tolist() == [0, 1, 2, 3]
     assert ((batch.labels >= 0) & (batch.labels < dm.num_classes)).all()
-    erf = dm.erf_images(2)
-    assert erf.shape == (2, 3, 160, 160)
+    erf = dm.erf_images(2)  # normalised float, contiguous (B, 3, H, W)
+    assert erf.shape == (2, 3, 160, 160) and erf.dtype == torch.float32 and erf.is_contiguous()
     torch.testing.assert_close(erf, dm.erf_images(2))
+    erf_set = MontageDataset(dm.assembler, 2, seed=dm.seed, rank=ERF_STREAM)
+    raw = torch.stack([erf_set[k].image for k in range(2)]).permute(0, 3, 1, 2)
+    torch.testing.assert_close(erf.double(), _direct_normalisation(raw), atol=1e-6, rtol=0)
 
 
 def test_workers_give_the_same_batches(datamodule):
@@ -405,6 +450,8 @@ def test_workers_give_the_same_batches(datamodule):
     loader = dm.train_dataloader()
     assert loader.persistent_workers
     again = next(iter(loader))
+    assert again.images.dtype == torch.uint8  # through a worker process (shared memory), strides kept
+    assert again.images.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
 
 
@@ -468,7 +515,7 @@ def test_lightning_epochs_see_new_montages_with_persistent_workers(datamodule):
         def training_step(self, batch: MontageBatch, batch_idx: int) -> torch.Tensor:
             self.seen.append(batch.index.tolist())
             self.first_pixels.append(batch.images[0, :, :8, :8].clone())
-            return (self.w * batch.images.mean()).sum()
+            return (self.w * batch.images.float().mean()).sum()
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.0)

@@ -54,7 +54,8 @@ def test_each_objective_reduces_the_loss_on_a_fixed_batch(tiny_embedded, objecti
     torch.manual_seed(0)
     module = MontageModule(cfg)
     module.configure_model()
-    batch = next(iter(dm.train_dataloader()))
+    # the loader emits uint8; Lightning normalises on the device with this hook before training_step
+    batch = module.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
     if objective == "erf_dense":
         erf = compute_erf(module.backbone, batch.images[:2])
         module.erf_weights.copy_(soft_label_weights(erf, module.layout.region_masks(), tau=0.7))
@@ -69,6 +70,37 @@ def test_each_objective_reduces_the_loss_on_a_fixed_batch(tiny_embedded, objecti
         optimizer.step()
         losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_objective_batches_are_uint8_and_normalised_after_transfer(tiny_embedded, channels_last):
+    """The DataLoader's batch is uint8; ``on_after_batch_transfer`` makes it (x / 255 - mean) / std float32
+    in the configured memory format (the labels etc. untouched), the montage pictures logged from the
+    normalised batch (``denormalize``) are the raw canvases, and ``compute_losses`` refuses uint8."""
+    from datamodules.montage import IMAGENET_MEAN, IMAGENET_STD, MontageBatch, denormalize
+    from lightning_modules.montage import MontageModule
+
+    cfg, dm = _datamodule(tiny_embedded)
+    cfg.model.num_classes = dm.num_classes
+    cfg.runtime.channels_last = channels_last
+    module = MontageModule(cfg)
+    module.configure_model()
+    raw = next(iter(dm.train_dataloader()))
+    assert isinstance(raw, MontageBatch) and raw.images.dtype == torch.uint8
+    batch = module.on_after_batch_transfer(raw, 0)
+    assert isinstance(batch, MontageBatch) and batch.images.dtype == torch.float32
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert batch.images.is_contiguous(memory_format=fmt)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
+    torch.testing.assert_close(batch.images.double(), (raw.images.double() / 255 - mean) / std, atol=1e-6, rtol=0)
+    for name in ("labels", "cell_boxes", "index"):
+        assert torch.equal(getattr(batch, name), getattr(raw, name))
+    assert module.on_after_batch_transfer(batch, 0) is batch  # already normalised: passed through
+    assert (denormalize(batch.images) == raw.images.permute(0, 2, 3, 1).numpy()).all()
+    assert torch.isfinite(module.compute_losses(batch)["loss"])
+    with pytest.raises(TypeError, match="on_after_batch_transfer"):
+        module.compute_losses(raw)
 
 
 @pytest.mark.slow
