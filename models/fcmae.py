@@ -53,13 +53,15 @@ def upsample_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
     return mask.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
 
 
-def _mask_at(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """The (N, h, w) mask repeated to a feature map of spatial `size`, as (N, 1, H, W) bool."""
+def _keep_at(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """1 - mask, repeated to the spatial size of the feature map `like`, as (N, 1, H, W) in its dtype.
+    Zeroing is a multiply by this: about 2x faster on CPU than masked_fill with a broadcast bool mask."""
+    size = like.shape[-2:]
     h, w = mask.shape[-2:]
     fy, fx = size[0] // h, size[1] // w
     if fy != fx or fy * h != size[0] or fx * w != size[1]:
         raise ValueError(f"mask grid {h}x{w} does not divide the feature map {size[0]}x{size[1]}")
-    return upsample_mask(mask, fy).bool().unsqueeze(1)
+    return (1.0 - upsample_mask(mask, fy).to(like.dtype)).unsqueeze(1)
 
 
 # ------------------------------------------------------------------------------------------ patches
@@ -119,24 +121,24 @@ class MaskedEncoder(nn.Module):
         self.num_features = int(model.num_features)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """images (N, 3, H, W), mask (N, H/stride, W/stride), 1 = masked -> features (N, C, h, w), zero at
-        masked positions."""
+        """images (N, 3, H, W) (finite), mask (N, H/stride, W/stride), 1 = masked -> features (N, C, h, w),
+        zero at masked positions."""
         m = self.model
         x = m.stem(images)
-        x = x.masked_fill(_mask_at(mask, x.shape[-2:]), 0.0)
+        x = x * _keep_at(mask, x)
         for stage in m.stages:
             x = stage.downsample(x)
-            mk = _mask_at(mask, x.shape[-2:])
+            keep = _keep_at(mask, x)
             for block in stage.blocks:
-                x = self._block(block, x, mk)
+                x = self._block(block, x, keep)
         x = m.norm_pre(x)
-        return x.masked_fill(_mask_at(mask, x.shape[-2:]), 0.0)
+        return x * _keep_at(mask, x)
 
     @staticmethod
-    def _block(block: nn.Module, x: torch.Tensor, mk: torch.Tensor) -> torch.Tensor:
+    def _block(block: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        x = block.conv_dw(x.masked_fill(mk, 0.0)).masked_fill(mk, 0.0)
-        grid_mask = mk.squeeze(1)
+        x = block.conv_dw(x * keep) * keep
+        grid_mask = 1.0 - keep.squeeze(1)
         if block.use_conv_mlp:
             x = _masked_mlp(block.mlp, block.norm(x), grid_mask, channels_last=False)
         else:
