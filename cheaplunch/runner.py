@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig
 
+from callbacks.fault_tolerance import CheckpointOnInterrupt
 from callbacks.lr_schedule import WarmupCosineLR
 from callbacks.run_artifacts import ExportBackbone, RankAudit
 from cheaplunch import REPO_ROOT
@@ -90,6 +91,7 @@ def standard_callbacks(cfg: DictConfig, run_dir: Path, *, export: bool) -> list[
             milestones=list(s.milestones), gamma=float(s.gamma),
         ),
         ThroughputMonitor(batch_size_fn=batch_size_of),
+        CheckpointOnInterrupt(run_dir / "checkpoints" / "last.ckpt"),
     ]
     if cfg.ema.enabled:
         callbacks.append(EMAWeightAveraging(decay=float(cfg.ema.decay)))
