@@ -1,0 +1,80 @@
+"""The network of label-based pixel contrastive pre-training (Zhao et al., ICCV 2021): a DeepLabV3-style
+model without its classifier (timm backbone, dilated with ``output_stride``, + torchvision's ASPP and the
+3x3 conv/BN/ReLU that follow it in ``DeepLabHead``), features resized (bilinear) to the loss resolution,
+then a projection head of 1x1 convs with unit-normalised output. Free of Lightning.
+
+``DeepLabDecoder``'s state_dict keys are those of the first four modules of torchvision's
+``DeepLabHead`` (``0.*`` = ASPP, ``1.*`` conv, ``2.*`` BN), i.e. of ``DeepLabV3.classifier`` without its
+last 1x1 classifier ``4.*``, so its weights could seed a fine-tuning DeepLabV3 head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.segmentation.deeplabv3 import ASPP
+
+
+class ProjectionHead(nn.Sequential):
+    """``layers`` 1x1 convs with ``dim`` channels, ReLU after all but the last (paper: 3 x 256), then L2
+    normalisation over channels at every pixel. ``norm=True`` adds BatchNorm before each ReLU (the
+    published TF code's projection head uses batch norm)."""
+
+    def __init__(self, in_channels: int, dim: int = 256, layers: int = 3, norm: bool = False) -> None:
+        if layers < 1:
+            raise ValueError(f"projection head needs at least one layer, got {layers}")
+        mods: list[nn.Module] = []
+        c = in_channels
+        for i in range(layers):
+            last = i == layers - 1
+            mods.append(nn.Conv2d(c, dim, 1, bias=last or not norm))
+            if not last:
+                if norm:
+                    mods.append(nn.BatchNorm2d(dim))
+                mods.append(nn.ReLU(inplace=True))
+            c = dim
+        super().__init__(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(super().forward(x), dim=1)
+
+
+class DeepLabDecoder(nn.Sequential):
+    """torchvision ``DeepLabHead`` without its final classifier: ASPP(rates) -> 3x3 conv -> BN -> ReLU."""
+
+    def __init__(self, in_channels: int, atrous_rates: Sequence[int] = (12, 24, 36), out_channels: int = 256) -> None:
+        super().__init__(
+            ASPP(in_channels, list(atrous_rates), out_channels),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+        )
+        self.out_channels = out_channels
+
+
+class PixelEmbedder(nn.Module):
+    """backbone -> DeepLab decoder (optional) -> bilinear resize to ``image_size / loss_stride`` ->
+    projection head. ``forward(x)`` returns unit features (B, dim, H / loss_stride, W / loss_stride)."""
+
+    def __init__(self, backbone: nn.Module, *, use_aspp: bool = True, atrous_rates: Sequence[int] = (12, 24, 36),
+                 decoder_channels: int = 256, proj_dim: int = 256, proj_layers: int = 3, proj_norm: bool = False,
+                 loss_stride: int = 4) -> None:
+        super().__init__()
+        self.backbone = backbone
+        c = int(backbone.num_features)
+        self.decoder = DeepLabDecoder(c, atrous_rates, decoder_channels) if use_aspp else nn.Identity()
+        self.head = ProjectionHead(decoder_channels if use_aspp else c, proj_dim, proj_layers, proj_norm)
+        self.loss_stride = int(loss_stride)
+
+    def loss_size(self, image_hw: Sequence[int]) -> tuple[int, int]:
+        return (max(1, int(image_hw[0]) // self.loss_stride), max(1, int(image_hw[1]) // self.loss_stride))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.decoder(self.backbone(x))
+        size = self.loss_size(x.shape[-2:])
+        if tuple(y.shape[-2:]) != size:
+            y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        return self.head(y)
