@@ -305,6 +305,14 @@ def test_train_py_end_to_end_exports_a_plain_timm_encoder(tmp_path, tiny_embedde
     assert all(torch.equal(state[k], trained[k]) for k in state)
     fresh = timm.create_model("convnextv2_atto", num_classes=0).state_dict()
     assert not torch.equal(state["stem.0.weight"], fresh["stem.0.weight"])  # trained, not a fresh init
+    # the fine-tuning loader (finetune.py --backbone) takes the run folder and the Lightning checkpoint
+    from models.backbone_loading import load_backbone_weights, resolve_backbone
+    from models.backbones import create_backbone
+
+    for spec in (run, run / "checkpoints" / "last.ckpt"):
+        source = resolve_backbone(str(spec))
+        assert source.arch == "convnextv2_atto" and set(source.state) == set(state)
+        load_backbone_weights(create_backbone(source.arch), source.state, str(spec))
 
 
 @pytest.mark.slow
