@@ -326,3 +326,29 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_embedded):
     assert audits[0]["weights_sha256"] == audits[1]["weights_sha256"]  # DDP kept the replicas identical
     # 12 images / 2 ranks / batch 4: one step per epoch; within an epoch the ranks see disjoint images
     assert len(audits[0]["indices"]) == 2 * 4 and not set(audits[0]["indices"][:4]) & set(audits[1]["indices"][:4])
+
+
+def test_preview_pictures(tmp_path, tiny_embedded):
+    from PIL import Image
+
+    from datamodules.masked import MaskedDataModule
+
+    paths = MaskedDataModule.from_config(_cfg(tiny_embedded)).write_preview(tmp_path, 2)
+    assert len(paths) == 2
+    with Image.open(paths[0]) as im:
+        assert im.size == (128, 64)  # crop | masked crop
+
+
+def test_paper_config_resolves_to_the_paper_recipe():
+    from cheaplunch import CONFIG_DIR
+    from cheaplunch.config import load_config
+    from cheaplunch.registry import METHODS
+    from lightning_modules.base import global_batch_size, peak_lr
+
+    cfg = load_config(METHODS["fcmae"].config_path, CONFIG_DIR / "fcmae_paper.yaml")
+    world = int(cfg.trainer.devices) * int(cfg.trainer.num_nodes)
+    assert global_batch_size(cfg, world) == 4096
+    assert peak_lr(cfg, world) == pytest.approx(1.5e-4 * 4096 / 256)
+    assert (cfg.model.mask_ratio, cfg.model.patch_size, cfg.model.decoder_dim, cfg.model.norm_pix_loss) == (0.6, 32, 512, True)
+    assert tuple(cfg.optim.betas) == (0.9, 0.95) and cfg.optim.weight_decay == 0.05 and cfg.optim.name == "adamw"
+    assert cfg.schedule.warmup_epochs == 40 and tuple(cfg.data.crop_scale) == (0.2, 1.0) and not cfg.ema.enabled
