@@ -13,6 +13,7 @@ from cheaplunch.errors import UserError
 from cheaplunch.registry import METHODS, lookup
 from cheaplunch.runner import (
     apply_cli_overrides,
+    apply_slurm_environment,
     build_trainer,
     default_run_dir,
     find_resume_checkpoint,
@@ -45,7 +46,8 @@ def run_pretraining(
         list(overrides), devices=devices, num_nodes=num_nodes, seed=seed, data=data))
     if logger is not None:
         cfg.logging.logger = logger
-    run_dir = (out or default_run_dir(method)).resolve()
+    job = apply_slurm_environment(cfg, devices=devices, num_nodes=num_nodes)
+    run_dir = (out or default_run_dir(method, job)).resolve()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = entry.datamodule_class().from_config(cfg)
 

@@ -16,13 +16,14 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig
 
 from callbacks.fault_tolerance import CheckpointOnInterrupt
 from callbacks.lr_schedule import WarmupCosineLR
 from callbacks.run_artifacts import ExportBackbone, RankAudit
-from cheaplunch import REPO_ROOT
+from cheaplunch import REPO_ROOT, slurm
 from cheaplunch.config import save_config, to_dict
 from cheaplunch.errors import UserError
 from lightning_modules.base import batch_size_of
@@ -32,9 +33,23 @@ log = logging.getLogger("cheaplunch")
 LOGGERS = ("wandb", "csv", "none")
 
 
-def default_run_dir(name: str) -> Path:
-    """A stable run folder (the same for every process and every restart) so that resuming works."""
-    return REPO_ROOT / "runs" / name
+def default_run_dir(name: str, job: slurm.SlurmJob | None = None) -> Path:
+    """A stable run folder (the same for every process and every restart) so that resuming works:
+    `runs/<name>`, or `runs/<name>-<job id>` under SLURM (a requeued job keeps its id)."""
+    return REPO_ROOT / "runs" / (f"{name}-{job.job_id}" if job is not None else name)
+
+
+def apply_slurm_environment(cfg: DictConfig, *, devices: int | None, num_nodes: int | None) -> slurm.SlurmJob | None:
+    """Under SLURM: take trainer.devices / num_nodes from the job (explicit --devices / --num-nodes must
+    agree) and make sure MASTER_ADDR is set. Returns the job, or None outside SLURM."""
+    job = slurm.detect()
+    if job is None:
+        return None
+    for key, value in slurm.trainer_overrides(job, devices, num_nodes).items():
+        cfg.trainer[key] = value
+    slurm.ensure_master_addr(job)
+    rank_zero_info(f"SLURM job {job.job_id}: {job.num_nodes} node(s) x {job.tasks_per_node} task(s)")
+    return job
 
 
 def wandb_mode() -> str:
@@ -113,17 +128,24 @@ def apply_cli_overrides(overrides: list[str], **options: Any) -> list[str]:
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback], logger: Logger | bool) -> L.Trainer:
     torch.set_float32_matmul_precision(str(cfg.runtime.matmul_precision))
     trainer_kwargs = to_dict(cfg.trainer)
-    if int(trainer_kwargs.get("devices", 1) or 1) > 1 and trainer_kwargs.get("strategy") == "auto":
-        trainer_kwargs["strategy"] = "ddp"
+    processes = int(trainer_kwargs.get("devices", 1) or 1) * int(trainer_kwargs.get("num_nodes", 1) or 1)
+    if processes > 1 and trainer_kwargs.get("strategy") == "auto":
+        trainer_kwargs["strategy"] = "ddp"  # not Lightning's spawn-based default on CPU
+    plugins = []
+    if slurm.detect() is not None:
+        # Ranks and world size from SLURM. Requeueing on SIGUSR1 is done by callbacks.fault_tolerance
+        # (at a step boundary), not by Lightning's handler (which saves from inside the signal handler).
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     try:
-        return L.Trainer(default_root_dir=str(run_dir), callbacks=list(callbacks), logger=logger, **trainer_kwargs)
+        return L.Trainer(default_root_dir=str(run_dir), callbacks=list(callbacks), logger=logger, plugins=plugins,
+                         **trainer_kwargs)
     except (TypeError, ValueError) as exc:
         raise UserError(f"bad trainer settings in the config ({exc})") from exc
 
 
 def find_resume_checkpoint(run_dir: Path, resume: str) -> str | None:
-    """'auto': continue from checkpoints/last.ckpt when the run folder has one; 'never': start fresh;
-    otherwise a checkpoint path."""
+    """'auto': continue from checkpoints/last.ckpt when the run folder has one (also what a requeued
+    SLURM job finds); 'never': start fresh; otherwise a checkpoint path."""
     if resume == "never":
         return None
     if resume == "auto":

@@ -341,17 +341,32 @@ class MontageDataset(Dataset):
         return state
 
 
+def batches_done_in_epoch(trainer: L.Trainer | None) -> int:
+    """Batches of the current epoch already trained on when a run resumes mid-epoch (0 otherwise).
+
+    Lightning restores the loop progress before it asks for the train dataloader; a plain DataLoader
+    would restart the epoch from its first batch, so a resumed run would see other data than an
+    uninterrupted one. The sampler skips these batches instead: same data, same final weights.
+    `processed` (not `completed`) counts a batch whose step ran before a checkpoint written in
+    on_train_batch_end; Lightning itself only fixes `completed` up later, in the epoch loop's reset."""
+    if trainer is None:
+        return 0
+    return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
+
 class MontageSampler(DistributedSampler):
     """Sequential indices of this rank's shard (``drop_last``: no index is seen by two ranks), offset by
     ``epoch * len(dataset)`` so that each epoch draws fresh montages. A ``DistributedSampler`` so that
     Lightning keeps it (and calls ``set_epoch``) instead of injecting its own."""
 
-    def __init__(self, dataset: MontageDataset, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(self, dataset: MontageDataset, num_replicas: int = 1, rank: int = 0, skip: int = 0) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=num_replicas > 1)
+        self.skip = skip  # indices of the first epoch iterated to skip (already trained on before a resume)
 
     def __iter__(self):
         base = self.epoch * len(self.dataset)  # type: ignore[arg-type]
-        return (base + i for i in super().__iter__())
+        skip, self.skip = self.skip, 0
+        return (base + i for k, i in enumerate(super().__iter__()) if k >= skip)
 
 
 _MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -655,10 +670,11 @@ class MontageDataModule(L.LightningDataModule):
         dataset = self.train_dataset
         world = int(self.trainer.world_size) if self.trainer is not None else 1
         rank = int(self.trainer.global_rank) if self.trainer is not None else 0
+        skip = batches_done_in_epoch(self.trainer) * self.batch_size
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=MontageSampler(dataset, num_replicas=world, rank=rank),
+            sampler=MontageSampler(dataset, num_replicas=world, rank=rank, skip=skip),
             num_workers=self.num_workers,
             collate_fn=collate_montages,
             pin_memory=self.pin_memory and torch.cuda.is_available(),

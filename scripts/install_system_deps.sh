@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Debian packages the project needs: the embedded dataset's photo assets (tuxpaint stamps, MATE
-# backgrounds), Fashion-MNIST for the supervised baseline. Installs them when run as root; otherwise
+# backgrounds), Fashion-MNIST for the supervised baseline, and slurm-wlm for the private-cluster test. Installs them when run as root; otherwise
 # prints the command to run.
 set -euo pipefail
-packages=(tuxpaint-stamps-default mate-backgrounds dataset-fashion-mnist)
+packages=(tuxpaint-stamps-default mate-backgrounds dataset-fashion-mnist slurm-wlm)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
