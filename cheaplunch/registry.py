@@ -57,6 +57,12 @@ register(METHODS, Entry(
     "fcmae", "ConvNeXt V2 FCMAE masked-image pre-training with GRN (Woo et al., CVPR 2023)",
     "lightning_modules.fcmae:FCMAEModule", "datamodules.masked:MaskedDataModule", "fcmae.yaml",
 ))
+register(METHODS, Entry(
+    "contrastive",
+    "label-based pixel-wise contrastive pre-training for segmentation (Zhao et al., ICCV 2021)",
+    "lightning_modules.contrastive:ContrastiveModule", "datamodules.distorted:DistortedDataModule",
+    "contrastive.yaml",
+))
 
 # Fine-tuning tasks (finetune.py --task NAME); run logic in cheaplunch/finetune.py.
 register(TASKS, Entry(

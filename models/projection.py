@@ -56,25 +56,19 @@ class DeepLabDecoder(nn.Sequential):
 
 
 class PixelEmbedder(nn.Module):
-    """backbone -> DeepLab decoder (optional) -> bilinear resize to ``image_size / loss_stride`` ->
-    projection head. ``forward(x)`` returns unit features (B, dim, H / loss_stride, W / loss_stride)."""
+    """On a backbone's feature map: DeepLab decoder (optional) -> bilinear resize to the loss resolution ->
+    projection head. ``forward(features, size)`` returns unit features (B, dim, *size). The backbone stays
+    outside (the LightningModule owns it, so it is saved and exported once)."""
 
-    def __init__(self, backbone: nn.Module, *, use_aspp: bool = True, atrous_rates: Sequence[int] = (12, 24, 36),
-                 decoder_channels: int = 256, proj_dim: int = 256, proj_layers: int = 3, proj_norm: bool = False,
-                 loss_stride: int = 4) -> None:
+    def __init__(self, in_channels: int, *, use_aspp: bool = True, atrous_rates: Sequence[int] = (12, 24, 36),
+                 decoder_channels: int = 256, proj_dim: int = 256, proj_layers: int = 3,
+                 proj_norm: bool = False) -> None:
         super().__init__()
-        self.backbone = backbone
-        c = int(backbone.num_features)
-        self.decoder = DeepLabDecoder(c, atrous_rates, decoder_channels) if use_aspp else nn.Identity()
-        self.head = ProjectionHead(decoder_channels if use_aspp else c, proj_dim, proj_layers, proj_norm)
-        self.loss_stride = int(loss_stride)
+        self.decoder = DeepLabDecoder(in_channels, atrous_rates, decoder_channels) if use_aspp else nn.Identity()
+        self.head = ProjectionHead(decoder_channels if use_aspp else in_channels, proj_dim, proj_layers, proj_norm)
 
-    def loss_size(self, image_hw: Sequence[int]) -> tuple[int, int]:
-        return (max(1, int(image_hw[0]) // self.loss_stride), max(1, int(image_hw[1]) // self.loss_stride))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.decoder(self.backbone(x))
-        size = self.loss_size(x.shape[-2:])
-        if tuple(y.shape[-2:]) != size:
-            y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+    def forward(self, features: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
+        y = self.decoder(features)
+        if size is not None and tuple(y.shape[-2:]) != tuple(size):
+            y = F.interpolate(y, size=tuple(size), mode="bilinear", align_corners=False)
         return self.head(y)
