@@ -1,7 +1,7 @@
 """Keep `checkpoints/last.ckpt` current and stop cleanly when asked to, so that re-running the same
 command (or a SLURM requeue) continues exactly where the run stopped.
 
-- At the end of training `last.ckpt` is written (ModelCheckpoint only writes it every N steps).
+- `last.ckpt` is written every N steps and at the end of training.
 - SIGTERM (and Ctrl+C): Lightning raises `SIGTERMException` after the current batch; we save `last.ckpt`
   and the process exits with status 0.
 - SIGUSR1 (what `sbatch --signal=SIGUSR1@120` and `scancel --signal=USR1` send): the request is noted by
@@ -27,8 +27,12 @@ from cheaplunch import slurm
 
 
 class CheckpointOnInterrupt(Callback):
-    def __init__(self, checkpoint_path: Path | str) -> None:
+    """The one writer of `last.ckpt`: every `every_n_steps` optimizer steps, at the end of training, and
+    when interrupted (ModelCheckpoint keeps the numbered `step*.ckpt` snapshots)."""
+
+    def __init__(self, checkpoint_path: Path | str, every_n_steps: int = 0) -> None:
         self.checkpoint_path = Path(checkpoint_path)
+        self.every_n_steps = every_n_steps
         self._previous_usr1 = None
         self._usr1_received = False
         self._saved_at_step: int | None = None
@@ -54,6 +58,9 @@ class CheckpointOnInterrupt(Callback):
         self._saved_at_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
+            self._save(trainer)
         if not trainer.strategy.reduce_boolean_decision(self._usr1_received, all=False):
             return
         self._usr1_received = False

@@ -99,14 +99,14 @@ def standard_callbacks(cfg: DictConfig, run_dir: Path, *, export: bool) -> list[
     s = cfg.schedule
     callbacks: list[Callback] = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}", auto_insert_metric_name=False,
-                        every_n_train_steps=int(cfg.checkpoint.every_n_steps), save_last=True, save_top_k=-1),
+                        every_n_train_steps=int(cfg.checkpoint.every_n_steps), save_last=False, save_top_k=-1),
         WarmupCosineLR(
             base_lr=None, name=s.name, warmup_steps=int(s.warmup_steps), warmup_epochs=s.warmup_epochs,
             warmup_start_factor=float(s.warmup_start_factor), min_lr_factor=float(s.min_lr_factor),
             milestones=list(s.milestones), gamma=float(s.gamma),
         ),
         ThroughputMonitor(batch_size_fn=batch_size_of),
-        CheckpointOnInterrupt(run_dir / "checkpoints" / "last.ckpt"),
+        CheckpointOnInterrupt(run_dir / "checkpoints" / "last.ckpt", every_n_steps=int(cfg.checkpoint.every_n_steps)),
     ]
     if cfg.ema.enabled:
         callbacks.append(EMAWeightAveraging(decay=float(cfg.ema.decay)))

@@ -544,6 +544,9 @@ class MontageDataModule(L.LightningDataModule):
         pad: str = "random",
     ) -> None:
         super().__init__()
+        # The bank is written next to the dataset, which every node of a cluster job sees (a shared file
+        # system, as the run folder must be for requeueing): build it once, on global rank 0.
+        self.prepare_data_per_node = False
         self.data_root = data_root
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)

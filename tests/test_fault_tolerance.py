@@ -45,7 +45,7 @@ def test_signal_saves_checkpoint_and_rerun_resumes_exactly(tiny_embedded, tmp_pa
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 300
-        while "ERF refresh at step 0" not in log_path.read_text():  # training has started
+        while "ERF refresh at step 0" not in log_path.read_text(errors="replace"):  # training has started
             assert proc.poll() is None, log_path.read_text()[-2000:]
             assert time.time() < deadline
             time.sleep(0.2)
