@@ -63,6 +63,11 @@ register(METHODS, Entry(
     "lightning_modules.contrastive:ContrastiveModule", "datamodules.distorted:DistortedDataModule",
     "contrastive.yaml",
 ))
+register(METHODS, Entry(
+    "supervised", "supervised classification with the Bag of Tricks (He et al., CVPR 2019): the ImageNet-style baseline",
+    "lightning_modules.supervised:SupervisedModule", "datamodules.classification_pretrain:SupervisedDataModule",
+    "supervised.yaml",
+))
 
 # Fine-tuning tasks (finetune.py --task NAME); run logic in cheaplunch/finetune.py.
 register(TASKS, Entry(

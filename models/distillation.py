@@ -1,0 +1,55 @@
+"""Knowledge distillation loss (Hinton et al. 2015) as used by the Bag of Tricks (He et al., CVPR 2019,
+Sec. 5.3) and GluonCV's ``DistillationSoftmaxCrossEntropyLoss``:
+
+    loss = hard_weight * CE(z, y) + (1 - hard_weight) * T^2 * CE(softmax(r / T), softmax(z / T))
+
+z: student logits, r: teacher logits, y: the (hard or soft) target, T: temperature. CE(q, softmax(s))
+= -sum_k q_k log softmax(s)_k (averaged over the batch); it differs from the KL divergence only by the
+teacher's entropy, a constant for the student. The T^2 factor keeps the soft term's gradient scale
+independent of T. hard_weight 0.5 is GluonCV's ImageNet setting, T = 20 the paper's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Batch mean of -sum_k target_k * log_softmax(logits)_k; `target` rows are distributions
+    (mixup / label smoothing) or, if 1-D, class indices."""
+    if target.ndim == 1:
+        return F.cross_entropy(logits, target)
+    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def distillation_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float = 20.0,
+    hard_weight: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, hard term, soft term) of the formula in the module docstring. The teacher gets no gradient."""
+    if not 0.0 <= hard_weight <= 1.0:
+        raise ValueError(f"hard_weight must be in [0, 1], got {hard_weight}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    t = float(temperature)
+    hard = soft_cross_entropy(student, target)
+    soft_target = F.softmax(teacher.detach().float() / t, dim=-1)
+    soft = (t * t) * soft_cross_entropy(student.float() / t, soft_target)
+    return hard_weight * hard + (1.0 - hard_weight) * soft, hard, soft
+
+
+class DistillationLoss(nn.Module):
+    def __init__(self, temperature: float = 20.0, hard_weight: float = 0.5) -> None:
+        super().__init__()
+        self.temperature, self.hard_weight = float(temperature), float(hard_weight)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return distillation_loss(student, teacher, target, self.temperature, self.hard_weight)[0]
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, hard_weight={self.hard_weight}"
