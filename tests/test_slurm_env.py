@@ -1,0 +1,70 @@
+"""Settings derived from SLURM_* variables: nodes/devices, ranks via Lightning's SLURMEnvironment,
+MASTER_ADDR, the run folder, and helpful errors on mismatches."""
+
+import pytest
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from omegaconf import OmegaConf
+
+from cheaplunch import slurm
+from cheaplunch.config import BASE_CONFIG
+from cheaplunch.errors import UserError
+from cheaplunch.runner import apply_slurm_environment, default_run_dir
+
+JOB = {"SLURM_NTASKS": "8", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "4", "SLURM_JOB_ID": "123456",
+       "SLURM_JOB_NAME": "pretrain", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_PROCID": "5",
+       "SLURM_LOCALID": "1", "SLURM_NODEID": "1"}
+
+
+@pytest.mark.parametrize("nodelist, first", [("gpu[07-08]", "gpu07"), ("n1,n2", "n1"), ("a[1,3-4],b2", "a1"),
+                                             ("single", "single"), ("", None)])
+def test_first_host(nodelist, first):
+    assert slurm.first_host(nodelist) == first
+
+
+def test_detect_and_trainer_settings():
+    job = slurm.detect(JOB)
+    assert job == slurm.SlurmJob("123456", num_nodes=2, tasks_per_node=4, num_tasks=8, first_host="gpu07")
+    assert slurm.trainer_overrides(job, None, None) == {"devices": 4, "num_nodes": 2}
+    # SLURM_TASKS_PER_NODE form when --ntasks-per-node was not given
+    env = {k: v for k, v in JOB.items() if k != "SLURM_NTASKS_PER_NODE"} | {"SLURM_TASKS_PER_NODE": "4(x2)"}
+    assert slurm.detect(env).tasks_per_node == 4
+    assert slurm.detect({**JOB, "SLURM_ARRAY_JOB_ID": "99", "SLURM_ARRAY_TASK_ID": "3"}).job_id == "99_3"
+    assert slurm.detect({**JOB, "SLURM_JOB_NAME": "bash"}) is None  # an interactive allocation
+    assert slurm.detect({}) is None
+
+
+def test_mismatches_give_a_hint():
+    job = slurm.detect(JOB)
+    with pytest.raises(UserError, match="ntasks-per-node=4"):
+        slurm.trainer_overrides(job, 8, None)
+    with pytest.raises(UserError, match="--nodes=2"):
+        slurm.trainer_overrides(job, None, 4)
+    uneven = slurm.detect({**JOB, "SLURM_NTASKS": "7"})
+    with pytest.raises(UserError, match="one task per GPU"):
+        slurm.trainer_overrides(uneven, None, None)
+
+
+def test_lightning_sees_the_same_ranks(monkeypatch):
+    for key, value in JOB.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_ADDR", "")  # unset for the code; restored after the test (it writes os.environ)
+    monkeypatch.setattr(slurm.socket, "gethostbyname", lambda host: "10.0.0.7")
+    cfg = OmegaConf.load(BASE_CONFIG)
+    job = apply_slurm_environment(cfg, devices=None, num_nodes=None)
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (4, 2)
+    env = SLURMEnvironment()
+    assert (env.world_size(), env.global_rank(), env.local_rank(), env.node_rank()) == (8, 5, 1, 1)
+    assert env.main_address == "gpu07"  # MASTER_ADDR set to the first host
+    assert default_run_dir("montage", job).name == "montage-123456"  # stable across requeues
+
+
+def test_unresolvable_master_host_fails_early(monkeypatch):
+    def fail(host):
+        raise OSError("unknown host")
+
+    monkeypatch.setattr(slurm.socket, "gethostbyname", fail)
+    env: dict[str, str] = {}
+    with pytest.raises(UserError, match="export MASTER_ADDR"):
+        slurm.ensure_master_addr(slurm.detect(JOB), env)
+    env["MASTER_ADDR"] = "10.1.2.3"
+    assert slurm.ensure_master_addr(slurm.detect(JOB), env) == "10.1.2.3"
