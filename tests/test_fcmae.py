@@ -352,3 +352,29 @@ def test_paper_config_resolves_to_the_paper_recipe():
     assert (cfg.model.mask_ratio, cfg.model.patch_size, cfg.model.decoder_dim, cfg.model.norm_pix_loss) == (0.6, 32, 512, True)
     assert tuple(cfg.optim.betas) == (0.9, 0.95) and cfg.optim.weight_decay == 0.05 and cfg.optim.name == "adamw"
     assert cfg.schedule.warmup_epochs == 40 and tuple(cfg.data.crop_scale) == (0.2, 1.0) and not cfg.ema.enabled
+
+
+def test_channels_last_and_bf16_autocast_paths(tiny_embedded):
+    """The paper YAML runs channels_last + bf16-mixed: same loss in channels_last, and under bf16 autocast
+    the loss is finite and the no-leak property still holds."""
+    from datamodules.masked import MaskedDataModule
+    from lightning_modules.fcmae import FCMAEModule
+
+    cfg = _cfg(tiny_embedded)
+    batch = next(iter(MaskedDataModule.from_config(cfg).train_dataloader()))
+    torch.manual_seed(0)
+    plain = FCMAEModule(cfg)
+    cfg.runtime.channels_last = True
+    cl = FCMAEModule(cfg)
+    cl.load_state_dict(plain.state_dict())
+    cl.configure_model()
+    torch.testing.assert_close(cl.compute_losses(batch)["loss"], plain.compute_losses(batch)["loss"], rtol=1e-4, atol=1e-5)
+
+    model = plain.fcmae
+    mask = model.to_final_grid(batch.mask, batch.images.shape[-2:])
+    noisy = torch.where(_pixel_mask(mask, 32).expand_as(batch.images), torch.randn_like(batch.images), batch.images)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _, _ = model(batch.images, batch.mask)
+        a, b = model.forward_encoder(batch.images, mask), model.forward_encoder(noisy, mask)
+    assert torch.isfinite(loss) and a.dtype == torch.bfloat16
+    assert torch.equal(a, b)
