@@ -30,7 +30,7 @@ class FCMAEModule(PretrainModule):
         try:
             self.fcmae = FCMAE(self.backbone, mask_ratio=float(m.mask_ratio), patch_size=int(m.patch_size),
                                decoder_dim=int(m.decoder_dim), norm_pix_loss=bool(m.norm_pix_loss),
-                               decoder_depth=int(m.decoder_depth))
+                               decoder_depth=int(m.decoder_depth), own_encoder=False)  # saved once, as backbone.*
         except ValueError as exc:
             raise UserError(f"model: {exc}") from exc
         # timm's classifier head (its final LayerNorm) is not part of the FCMAE encoder: frozen, so DDP sees no

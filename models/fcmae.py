@@ -106,9 +106,12 @@ def fcmae_loss(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, nor
 # ------------------------------------------------------------------------------------------ encoder
 class MaskedEncoder(nn.Module):
     """Dense-masked forward of a timm ConvNeXt V2 (``convnextv2_atto`` ... ``huge``; any timm ConvNeXt with
-    GRN MLPs). Holds the timm model itself (`self.model`), so its parameters and keys stay timm's."""
+    GRN MLPs). Holds the timm model itself (`self.model`), so its parameters and keys stay timm's.
 
-    def __init__(self, model: nn.Module) -> None:
+    `register=False` keeps only a reference (no submodule, no state_dict keys), for a model that another
+    module already owns -- e.g. ``PretrainModule.backbone``, so a checkpoint holds the encoder once."""
+
+    def __init__(self, model: nn.Module, register: bool = True) -> None:
         super().__init__()
         for name in ("stem", "stages"):
             if not hasattr(model, name):
@@ -116,7 +119,10 @@ class MaskedEncoder(nn.Module):
         blocks = [b for s in model.stages for b in s.blocks]
         if not all(hasattr(b, "conv_dw") and hasattr(b.mlp, "grn") for b in blocks):
             raise ValueError("MaskedEncoder needs ConvNeXt V2 blocks (depthwise conv + GRN MLP): use timm 'convnextv2_*'")
-        self.model = model
+        if register:
+            self.model = model
+        else:
+            object.__setattr__(self, "model", model)  # a plain attribute: not a submodule of this module
         self.stride = int(model.feature_info[-1]["reduction"])
         self.num_features = int(model.num_features)
 
@@ -180,7 +186,8 @@ class ConvNeXtV2Block(nn.Module):
 class FCMAE(nn.Module):
     """Masked encoder + light decoder + masked-patch loss.
 
-    `encoder`: a timm ConvNeXt V2 name (created with random weights, ``num_classes=0``) or such a model.
+    `encoder`: a timm ConvNeXt V2 name (created with random weights, ``num_classes=0``) or such a model;
+    `own_encoder=False` references a given model without registering it (its owner saves and moves it).
     `forward_encoder(images, mask)` -> (N, C, h, w), mask (N, h, w) on the final-stage grid;
     `forward(images, mask=None)` -> (loss, pred (N, stride**2*3, h, w), mask (N, h, w)); `mask` may be
     given on the final-stage grid or on the (H/patch_size, W/patch_size) patch grid; None draws one.
@@ -195,13 +202,14 @@ class FCMAE(nn.Module):
         norm_pix_loss: bool = True,
         decoder_depth: int = 1,
         in_chans: int = 3,
+        own_encoder: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(encoder, str):
             from models.backbones import create_backbone
 
             encoder = create_backbone(encoder)
-        self.encoder = MaskedEncoder(encoder)
+        self.encoder = MaskedEncoder(encoder, register=own_encoder)
         self.stride = self.encoder.stride
         if patch_size <= 0 or patch_size % self.stride:
             raise ValueError(

@@ -249,6 +249,12 @@ def test_weight_decay_groups_and_peak_lr(tiny_embedded):
             "backbone.stem.0.bias", "backbone.stem.1.weight"} <= no_decay
     assert all(module.get_parameter(n).ndim > 1 for n in decay) and all("grn" not in n for n in decay)
     assert "backbone.stem.0.weight" in decay and "fcmae.pred.weight" in decay
+    # the encoder is the backbone, held once: no fcmae.encoder.* copy in the state_dict
+    assert module.fcmae.encoder.model is module.backbone
+    assert not [k for k in module.state_dict() if k.startswith("fcmae.encoder")]
+    n_params = sum(p.numel() for p in module.parameters())
+    assert n_params == sum(p.numel() for p in module.backbone.parameters()) + sum(
+        p.numel() for n, p in module.fcmae.named_parameters())
 
 
 def test_module_steps_reduce_the_loss_on_a_fixed_real_batch(tiny_embedded):
