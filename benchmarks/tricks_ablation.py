@@ -43,6 +43,13 @@ from cheaplunch.runner import build_trainer, standard_callbacks  # noqa: E402
 TRICKS = REPO / "configs" / "tricks"
 PAPER_EPOCHS = 120
 SAME_AS = {"t5_a_resnet50": "t4_5_fp16", "t6_0_resnet50d": "t5_d_resnet50d"}
+# the row each row's delta is taken against (the paper's tables are cumulative, except that Table 6's
+# distillation and mixup rows each add to label smoothing, and its last row adds distillation to mixup)
+DELTA_VS = {"t4_1_linear_scaling": "t4_0_baseline", "t4_2_warmup": "t4_1_linear_scaling",
+            "t4_3_zero_gamma": "t4_2_warmup", "t4_4_no_bias_decay": "t4_3_zero_gamma", "t4_5_fp16": "t4_4_no_bias_decay",
+            "t5_b_resnet50b": "t5_a_resnet50", "t5_c_resnet50c": "t5_b_resnet50b", "t5_d_resnet50d": "t5_c_resnet50c",
+            "t6_1_cosine": "t6_0_resnet50d", "t6_2_label_smoothing": "t6_1_cosine", "t6_3_distill": "t6_2_label_smoothing",
+            "t6_4_mixup": "t6_2_label_smoothing", "t6_5_distill_mixup": "t6_4_mixup"}
 TEACHER_RECIPE = "t6_2_label_smoothing"
 
 
@@ -52,7 +59,8 @@ def header(path: Path) -> tuple[str, str, str]:
     table = line.split(") ", 1)[1].split(",")[0]
     row = line.split('row "', 1)[1].split('"', 1)[0]
     paper = line.rsplit("(", 1)[1].rstrip(").")
-    return table, row, paper.replace("paper ResNet-50 ImageNet top-1: ", "")
+    paper = paper.replace("paper ResNet-50 ImageNet top-1: ", "")
+    return table, row, paper if paper.replace(".", "").isdigit() else "n/a"
 
 
 def cpu_version(row_yaml: Path, args: argparse.Namespace, out: Path, steps_factor: float = 1.0,
@@ -130,18 +138,26 @@ def write_markdown(results: dict, args: argparse.Namespace, path: Path) -> None:
         f"paper batch / {args.batch_divisor}; FP16 rows in {args.fp16} (rows marked 'same run as' were not re-run). "
         "One seed per row unless stated: differences "
         "smaller than the seed spread below are noise. Paper numbers: ResNet-50 on ImageNet, 120-200 epochs.", "",
-        "| row | table | paper top-1 | CPU top-1 | delta vs previous row | steps | batch | peak lr | train wall s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| row | table | paper top-1 | paper delta | CPU top-1 | CPU delta | delta vs | steps | batch | peak lr | train wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    prev_table, prev = None, None
-    for name, r in results["rows"].items():
+    rows = results["rows"]
+
+    def paper(name: str) -> float | None:
+        try:
+            return float(rows[name]["paper"])
+        except (KeyError, ValueError):
+            return None
+
+    for name, r in rows.items():
         if "top1" not in r:
             continue
-        delta = "" if prev is None or prev_table != r["table"] else f"{100 * (r['top1'] - prev):+.2f}"
+        ref = DELTA_VS.get(name)
+        delta = f"{100 * (r['top1'] - rows[ref]['top1']):+.2f}" if ref in rows and "top1" in rows[ref] else ""
+        p_delta = f"{paper(name) - paper(ref):+.2f}" if ref and paper(name) is not None and paper(ref) is not None else ""
         same = f" = {r['same_run_as']}" if r.get("same_run_as") else ""
-        lines.append(f"| {name} ({r['row']}){same} | {r['table']} | {r['paper']} | {100 * r['top1']:.2f} | {delta} | "
-                     f"{r['steps']} | {r['batch']} | {r['lr']:.3g} | {r['train_wall_s']} |")
-        prev_table, prev = r["table"], r["top1"]
+        lines.append(f"| {name} ({r['row']}){same} | {r['table']} | {r['paper']} | {p_delta} | {100 * r['top1']:.2f} | "
+                     f"{delta} | {ref or ''} | {r['steps']} | {r['batch']} | {r['lr']:.3g} | {r['train_wall_s']} |")
     if results.get("teacher"):
         t = results["teacher"]
         lines += ["", f"Teacher for the distillation rows: {TEACHER_RECIPE} recipe, {t['steps']} steps, top-1 {100 * t['top1']:.2f}"
@@ -170,7 +186,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="teacher steps / row steps; 1 = reuse the t6_2 row's run as the teacher")
     parser.add_argument("--seeds", type=int, default=1, help="seeds for the first row (noise estimate)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tricks_ablation"))
+    parser.add_argument("--render", metavar="JSON", help="only re-write the markdown table of a results JSON")
     args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads(Path(args.render).read_text())
+        args = argparse.Namespace(**{**vars(args), **results["args"]})
+        for r in results["rows"].values():
+            r["paper"] = r["paper"] if r["paper"].replace(".", "").isdigit() else "n/a"
+        write_markdown(results, args, Path(args.render).with_suffix(".md"))
+        return 0
     os.environ.setdefault("WANDB_MODE", "disabled")
     torch.set_num_threads(args.threads)
     names = args.rows or sorted(p.stem for p in TRICKS.glob("*.yaml"))
