@@ -149,6 +149,10 @@ def run_finetune(
         rank_zero_info(f"model.arch: {source.arch} (from {source.description})")
         cfg.model.arch = source.arch
     cfg.model.backbone = str(spec)
+    if source.is_scratch and cfg.model.get("norm_scratch") and cfg.model.get("norm") != cfg.model.norm_scratch:
+        rank_zero_info(f"--backbone scratch: model.norm={cfg.model.norm_scratch} (model.norm_scratch) instead of "
+                       f"{cfg.model.norm}, which would freeze random-init statistics")
+        cfg.model.norm = cfg.model.norm_scratch
     run_dir = Path(out or default_run_dir(f"finetune_{task}")).resolve()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = _describe_data(entry, cfg)

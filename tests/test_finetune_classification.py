@@ -105,3 +105,26 @@ def test_rerun_resumes_and_keeps_history(tiny_embedded, tmp_path):
     assert [h["step"] for h in json.loads((out / "history.json").read_text())] == [1, 2]
     run_finetune("classification", **common, overrides=over + ["trainer.max_steps=3"])  # resume='auto'
     assert [h["step"] for h in json.loads((out / "history.json").read_text())] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_ddp_top1_equals_single_process(tiny_embedded, tmp_path):
+    """Two gloo processes: counts summed over ranks without duplicated val samples (top-1/top-5 equal a
+    single-process evaluation of the same checkpoint)."""
+    import os
+    import subprocess
+    import sys
+
+    from cheaplunch import REPO_ROOT
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO_ROOT / "finetune.py"), "--task", "classification", "--data", str(tiny_embedded),
+           "--backbone", "scratch", "--arch", "resnet18", "--out", str(out), "--logger", "none", "--devices", "2",
+           "trainer.accelerator=cpu", "trainer.strategy=ddp", "data.val_batch_size=5", *TINY]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = json.loads((out / "results.json").read_text())
+    single = run_finetune(None, eval_only=True, checkpoint=str(out / "checkpoints" / "final.ckpt"), logger="none",
+                          devices=1, overrides=["trainer.strategy=auto"])
+    assert single.results == pytest.approx(ddp, abs=1e-9)

@@ -58,6 +58,8 @@ def test_detector_trains_and_evaluates(detector, tiny_embedded, tmp_path):
     ckpt = torch.load(out / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2
     assert ckpt["hyper_parameters"]["config"]["model"]["detector"] == detector
+    # scratch: trainable BN (model.norm_scratch) instead of frozen random-init statistics
+    assert ckpt["hyper_parameters"]["config"]["model"]["norm"] == "bn"
 
     if detector == "mask_rcnn":  # eval-only reproduces the run's metrics (bbox and segm)
         again = run_finetune(None, eval_only=True, checkpoint=str(out / "checkpoints" / "final.ckpt"),
@@ -93,3 +95,26 @@ def test_label_fraction_and_flip_in_detection_data(tiny_embedded):
     assert torch.equal(flipped, plain.flip(-1))
     w = plain.shape[-1]
     assert torch.allclose(target["boxes"][:, 0], w - target0["boxes"][:, 2])
+
+
+@pytest.mark.slow
+def test_ddp_evaluation_equals_single_process(tiny_embedded, tmp_path):
+    """Two gloo processes: each val image is evaluated on one rank, detections are gathered, and the
+    COCO AP equals a single-process evaluation of the same checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    from cheaplunch import REPO_ROOT
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO_ROOT / "finetune.py"), "--task", "detection", "--detector", "faster_rcnn",
+           "--data", str(tiny_embedded), "--backbone", "scratch", "--out", str(out), "--logger", "none",
+           "--devices", "2", "trainer.accelerator=cpu", "trainer.strategy=ddp", "data.val_batch_size=1", *TINY]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = json.loads((out / "results.json").read_text())
+    single = run_finetune(None, eval_only=True, checkpoint=str(out / "checkpoints" / "final.ckpt"), logger="none",
+                          devices=1, overrides=["data.num_workers=0", "trainer.strategy=auto"])
+    assert single.results["bbox"] == pytest.approx(ddp["bbox"], abs=1e-9)
