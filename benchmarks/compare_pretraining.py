@@ -59,6 +59,7 @@ class InitRuns:
     name: str
     spec: str
     arch: str = ""
+    norm: str = ""  # backbone normalisation used (detection: frozen BN, but trainable BN from scratch)
     results: list[dict[str, Any]] = field(default_factory=list)  # one per seed
     histories: list[list[dict[str, Any]]] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
@@ -144,13 +145,13 @@ def write_markdown(path: Path, runs: list[InitRuns], task: str, columns: list[st
         "",
         f"Metrics in % on the val split, final weights{' (mean ± std over seeds)' if len(seeds) > 1 else ''}.",
         "",
-        "| init | backbone | arch | " + " | ".join(columns) + " | minutes / run |",
-        "|---|---|---|" + "---|" * len(columns) + "---|",
+        "| init | backbone | arch | norm | " + " | ".join(columns) + " | minutes / run |",
+        "|---|---|---|---|" + "---|" * len(columns) + "---|",
     ]
     for r in runs:
         cells = [fmt([lookup(res, c) for res in r.results]) for c in columns]
         minutes = statistics.mean(r.seconds) / 60 if r.seconds else float("nan")
-        lines.append(f"| {r.name} | `{r.spec}` | {r.arch} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+        lines.append(f"| {r.name} | `{r.spec}` | {r.arch} | {r.norm} | " + " | ".join(cells) + f" | {minutes:.1f} |")
     lines += ["", f"{metric} (%) at each evaluation step (mean over seeds):", ""]
     all_steps = sorted({s for r in runs for s in mean_curve(r.histories, metric)[0]})
     lines.append("| init | " + " | ".join(str(s) for s in all_steps) + " |")
@@ -203,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                     r.seconds.append(float((out / "wall_seconds.txt").read_text()))
                 from omegaconf import OmegaConf
 
-                r.arch = str(OmegaConf.load(out / "config.yaml").model.arch)
+                run_cfg = OmegaConf.load(out / "config.yaml")
+                r.arch, r.norm = str(run_cfg.model.arch), str(run_cfg.model.get("norm", ""))
             runs.append(r)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
