@@ -62,6 +62,12 @@ class MontageModule(PretrainModule):
             self.backbone.train(was_training)
         return int(out.shape[-2]), int(out.shape[-1])
 
+    def on_train_start(self) -> None:
+        """Log the sample bank's counts per class and aspect group (also printed when it is built)."""
+        bank = getattr(self.trainer.datamodule, "bank", None)
+        if bank is not None and self.logger is not None and self.trainer.is_global_zero:
+            self.logger.log_hyperparams({"sample_bank": bank.counts()})
+
     def configure_callbacks(self) -> list[Callback]:
         erf = self.cfg.model.erf
         if self.objective != "erf_dense":

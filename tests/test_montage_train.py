@@ -2,6 +2,7 @@
 preview files, and a 2-process DDP run."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,16 +13,18 @@ import torch
 from callbacks.erf_refresh import ERFRefresh
 from cheaplunch import CONFIG_DIR, REPO_ROOT
 from cheaplunch.config import load_config
+from cheaplunch.wandb_offline import find_run_file, read_offline_run
 
 TINY = ["model.arch=resnet18", "data.canvas=96", "data.batch_size=4", "data.num_workers=0", "data.max_side=96",
         "trainer.accelerator=cpu", "trainer.log_every_n_steps=1", "logging.images_every_n_steps=2",
         "checkpoint.every_n_steps=2"]
 
 
-def _train(data, out, *extra, timeout=600):
+def _train(data, out, *extra, timeout=600, logger="none"):
     cmd = [sys.executable, "train.py", "--method", "montage", "--data", str(data), "--out", str(out),
-           "--logger", "none", *TINY, *extra]
-    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+           "--logger", logger, *TINY, *extra]
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -106,7 +109,12 @@ def test_objective_batches_are_uint8_and_normalised_after_transfer(tiny_embedded
 @pytest.mark.slow
 def test_train_py_run_folder_erf_refresh_and_resume(tiny_embedded, tmp_path):
     run = tmp_path / "run"
-    _train(tiny_embedded, run, "trainer.max_steps=4", "model.erf.refresh_every=3")
+    _train(tiny_embedded, run, "trainer.max_steps=4", "model.erf.refresh_every=3", logger="wandb")
+    wandb_run = read_offline_run(find_run_file(run))  # W&B offline: config, losses per term, lr, images
+    assert wandb_run["config"]["sample_bank"]["total"] > 0 and wandb_run["config"]["model"]["objective"] == "erf_dense"
+    logged = {key.split("/_")[0] for step in wandb_run["history"] for key in step}  # images: "erf/_type", ...
+    assert {"train/loss", "train/loss_erf_dense", "lr", "train/region_acc"} <= logged, logged
+    assert any(k.startswith("montages") for k in logged) and any(k.startswith("erf/") for k in logged), logged
     for name in ("config.yaml", "checkpoints/last.ckpt", "backbone.pt", "backbone.json"):
         assert (run / name).is_file(), name
     assert list((run / "images" / "montages").glob("*.png")) and list((run / "images" / "erf").glob("*.png"))
