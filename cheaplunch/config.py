@@ -50,6 +50,7 @@ def load_config(
     # The method file may add new keys (its own model/loss sections), so merge it before struct mode.
     cfg = OmegaConf.merge(cfg, _load_yaml(Path(default_yaml)))
     OmegaConf.set_struct(cfg, True)
+    _open_empty_mappings(cfg)
     if user_yaml is not None:
         cfg = _merge(cfg, _load_yaml(Path(user_yaml)), str(user_yaml))
     overrides = list(overrides)
@@ -64,6 +65,18 @@ def load_config(
         except OmegaConfBaseException as exc:
             raise UserError(f"bad override {overrides}: {exc.msg}") from exc
     return cfg
+
+
+def _open_empty_mappings(node: DictConfig) -> None:
+    """An empty mapping in a default config (e.g. `model.backbone_kwargs: {}`) is a bag of keyword
+    arguments for a library: it accepts any key, while every other section rejects unknown keys."""
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            if len(child) == 0:
+                OmegaConf.set_struct(child, False)
+            else:
+                _open_empty_mappings(child)
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

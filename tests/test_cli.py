@@ -69,3 +69,11 @@ def test_every_registered_config_loads():
         cfg = load_config(entry.config_path)
         assert cfg.model.arch
     load_config(CONFIG_DIR / "montage.yaml", CONFIG_DIR / "montage_paper.yaml")
+
+
+def test_empty_mappings_take_any_keyword(tmp_path):
+    cfg = load_config(CONFIG_DIR / "montage.yaml", None, ["model.backbone_kwargs.drop_path_rate=0.1",
+                                                         "optim.layer_decay=0.9"])
+    assert cfg.model.backbone_kwargs.drop_path_rate == 0.1 and cfg.optim.layer_decay == 0.9
+    with pytest.raises(UserError, match="model.erf.nonsense"):
+        load_config(CONFIG_DIR / "montage.yaml", None, ["model.erf.nonsense=1"])
