@@ -31,6 +31,7 @@ from cheaplunch.errors import UserError
 from cheaplunch.registry import TASKS, Entry, lookup
 from cheaplunch.runner import (
     apply_cli_overrides,
+    apply_slurm_environment,
     build_trainer,
     default_run_dir,
     find_resume_checkpoint,
@@ -153,7 +154,8 @@ def run_finetune(
         rank_zero_info(f"--backbone scratch: model.norm={cfg.model.norm_scratch} (model.norm_scratch) instead of "
                        f"{cfg.model.norm}, which would freeze random-init statistics")
         cfg.model.norm = cfg.model.norm_scratch
-    run_dir = Path(out or default_run_dir(f"finetune_{task}")).resolve()
+    job = apply_slurm_environment(cfg, devices=devices, num_nodes=num_nodes)
+    run_dir = Path(out or default_run_dir(f"finetune_{task}", job)).resolve()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = _describe_data(entry, cfg)
 
