@@ -79,7 +79,8 @@ def main() -> None:
                                      args.arch, "--out", str(out), "--label-fraction", str(frac), *ft_common,
                                      f"trainer.max_steps={total}", f"trainer.val_check_interval={max(total // 4, 1)}"],
                                     runs / tag / "scratch.log")
-        row["scratch"] = json.loads((out / "results.json").read_text())["mIoU"]
+        res = json.loads((out / "results.json").read_text())
+        row["scratch"], row["scratch_per_class"] = res["mIoU"], res["per_class_IoU"]
         row["scratch_history"] = json.loads((out / "history.json").read_text())
         # contrastive pre-training on the labelled subset, then FT steps of fine-tuning
         pre = runs / tag / "contrastive_pre"
@@ -94,7 +95,8 @@ def main() -> None:
                                 "--out", str(out), "--label-fraction", str(frac), *ft_common,
                                 f"trainer.max_steps={args.ft_steps}",
                                 f"trainer.val_check_interval={max(args.ft_steps // 2, 1)}"], runs / tag / "ft.log")
-        row["contrastive"] = json.loads((out / "results.json").read_text())["mIoU"]
+        res = json.loads((out / "results.json").read_text())
+        row["contrastive"], row["contrastive_per_class"] = res["mIoU"], res["per_class_IoU"]
         row["contrastive_history"] = json.loads((out / "history.json").read_text())
         row["labelled_images"] = _count_labelled(runs / tag / "scratch" / "config.yaml")
         rows.append(row)
@@ -134,12 +136,21 @@ def _markdown(path: Path, rows: list[dict], meta: dict) -> None:
         f"{meta['total_steps']} fine-tuning steps; contrastive = {meta['pre_steps']} pre-training steps on the "
         f"labelled subset + {meta['ft_steps']} fine-tuning steps. mIoU on the whole val split (dataset-level "
         "confusion matrix). One seed: differences of a few points are within run-to-run noise.", "",
-        "| labelled fraction | labelled images | CE from scratch mIoU | contrastive + CE mIoU | difference |",
-        "|---|---|---|---|---|",
+        "| labelled fraction | labelled images | CE from scratch mIoU | contrastive + CE mIoU | difference | "
+        "classes with IoU > 0.01 (scratch / contrastive) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
+        learnt = [sum(v > 0.01 for v in r[f"{k}_per_class"].values()) for k in ("scratch", "contrastive")]
+        n = len(r["scratch_per_class"])
         lines.append(f"| {r['fraction']:g} | {r.get('labelled_images') or '-'} | {r['scratch']:.4f} | "
-                     f"{r['contrastive']:.4f} | {r['contrastive'] - r['scratch']:+.4f} |")
+                     f"{r['contrastive']:.4f} | {r['contrastive'] - r['scratch']:+.4f} | "
+                     f"{learnt[0]} / {learnt[1]} of {n} |")
+    bg = [r[f"{k}_per_class"].get("background") for r in rows for k in ("scratch", "contrastive")]
+    if all(v is not None for v in bg):
+        lines += ["", f"Background IoU ranges {min(bg):.3f}-{max(bg):.3f}. When only the background is found, "
+                  f"mIoU is about background IoU / number of classes present: rows near that value have not "
+                  "learnt the object classes yet, and their differences say nothing about the pre-training."]
     lines += ["", "mIoU during fine-tuning (step: value):", ""]
     for r in rows:
         sc = ", ".join(f"{h['step']}: {h['metrics']['mIoU']:.3f}" for h in r["scratch_history"])
