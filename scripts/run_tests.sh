@@ -4,7 +4,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export WANDB_MODE=offline WANDB_SILENT=true PYTHONHASHSEED=0
-.venv/bin/python -m pytest -q --timeout=900 "$@"
+.venv/bin/python -m pytest -q --timeout=900 --durations=25 "$@"
 rc=$?
 if [ $rc -eq 5 ]; then
   echo "pytest collected no tests: the test suite is missing" >&2

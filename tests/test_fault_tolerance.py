@@ -16,7 +16,7 @@ from cheaplunch import REPO_ROOT
 TINY = ["--method", "montage", "--logger", "none", "model.arch=resnet18", "data.canvas=64", "data.batch_size=4",
         "data.num_workers=0", "data.max_side=64", "trainer.accelerator=cpu", "model.erf.refresh_every=5",
         "logging.audit_ranks=true", "data.epoch_size=24"]  # 6 batches per epoch: the stop lands mid-epoch
-STEPS = 14
+STEPS = 10
 
 
 def _command(data, out, *extra):
