@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from cheaplunch.cli import add_overrides_argument, add_run_arguments, run_cli
 from cheaplunch.errors import UserError
 from cheaplunch.registry import TASKS, describe, lookup
 
@@ -41,28 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
                              "any pre-training run, or 'scratch' (random init); default: model.backbone (scratch)")
     parser.add_argument("--arch", metavar="NAME", help="timm architecture (default: the one recorded with the "
                                                         "backbone, else model.arch)")
-    parser.add_argument("--data", metavar="PATH", help="dataset folder or YAML (default: the embedded real-photo set)")
-    parser.add_argument("--config", metavar="FILE", help="YAML merged over the task's defaults")
-    parser.add_argument("--logger", default=None, choices=("wandb", "csv", "none"),
-                        help="wandb (default; offline without an API key), csv or none")
-    parser.add_argument("--devices", type=int, metavar="N", help="processes (GPUs) per node")
-    parser.add_argument("--num-nodes", type=int, metavar="N", help="number of nodes")
-    parser.add_argument("--seed", type=int, metavar="S", help="random seed (init of new layers, sampling, augmentation)")
-    parser.add_argument("--out", metavar="DIR", help="run folder (default: runs/finetune_<task>)")
-    parser.add_argument("--resume", default="auto", metavar="auto|never|CKPT",
-                        help="auto: continue from the run folder's last.ckpt if present (default)")
+    add_run_arguments(parser, default_out="runs/finetune_<task>",
+                      seed_help="random seed (init of new layers, sampling, augmentation)")
     parser.add_argument("--label-fraction", type=float, metavar="F",
                         help="train on a deterministic, nested fraction F of the labelled training images")
     parser.add_argument("--label-count", type=int, metavar="N", help="train on N labelled training images (nested)")
     parser.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the val split and exit")
     parser.add_argument("--checkpoint", metavar="CKPT", help="with --eval-only: a finetune.py checkpoint")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    add_overrides_argument(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> None:
         if args.task is not None:
             lookup(TASKS, args.task, "task")  # fail fast, before the heavy imports
         elif not args.eval_only:
@@ -76,11 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             label_count=args.label_count, eval_only=args.eval_only, checkpoint=args.checkpoint,
             overrides=args.overrides,
         )
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
 
+    return run_cli(body)
 
 if __name__ == "__main__":
     sys.exit(main())

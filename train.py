@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cheaplunch.errors import UserError
+from cheaplunch.cli import add_overrides_argument, add_run_arguments, run_cli
 from cheaplunch.registry import METHODS, describe
 
 
@@ -29,25 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--method", required=True, metavar="NAME", help="pre-training method (see below)")
-    parser.add_argument("--data", metavar="PATH", help="dataset folder (default: the embedded real-photo set)")
-    parser.add_argument("--config", metavar="FILE", help="YAML merged over the method's defaults")
-    parser.add_argument("--logger", default=None, choices=("wandb", "csv", "none"),
-                        help="wandb (default; offline without an API key), csv or none")
-    parser.add_argument("--devices", type=int, metavar="N", help="processes (GPUs) per node")
-    parser.add_argument("--num-nodes", type=int, metavar="N", help="number of nodes")
-    parser.add_argument("--seed", type=int, metavar="S", help="random seed (data building, sampling, init)")
-    parser.add_argument("--out", metavar="DIR", help="run folder (default: runs/<method>)")
-    parser.add_argument("--resume", default="auto", metavar="auto|never|CKPT",
-                        help="auto: continue from the run folder's last.ckpt if present (default)")
+    add_run_arguments(parser, default_out="runs/<method> (runs/<method>-<job id> under SLURM)",
+                      seed_help="random seed (data building, sampling, init)")
     parser.add_argument("--preview", type=int, metavar="N",
                         help="write N example batches as PNG + JSON into <out>/preview and exit")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    add_overrides_argument(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> None:
         from cheaplunch.pretrain import run_pretraining
 
         run_pretraining(
@@ -56,11 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             out=Path(args.out) if args.out else None, resume=args.resume, preview=args.preview,
             overrides=args.overrides,
         )
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
 
+    return run_cli(body)
 
 if __name__ == "__main__":
     sys.exit(main())
