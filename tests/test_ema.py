@@ -42,7 +42,7 @@ def test_ema_weights_equal_hand_update_and_are_checkpointed(tmp_path):
     cfg.ema.decay = 0.9
     cfg.checkpoint.every_n_steps = 1000
     cbs = [c for c in standard_callbacks(cfg, tmp_path, export=False)
-           if type(c).__name__ in ("EMAWeightAveraging", "ModelCheckpoint")]
+           if type(c).__name__ in ("EMAWeightAveraging", "CheckpointOnInterrupt")]  # the latter writes last.ckpt
     assert any(type(c).__name__ == "EMAWeightAveraging" for c in cbs)
     rec = _RecordWeights()
     g = torch.Generator().manual_seed(1)
