@@ -118,6 +118,17 @@ class PretrainModule(L.LightningModule):
             filter_bias_and_bn=bool(o.no_decay_bias_norm), layer_decay=o.get("layer_decay"), **kwargs,
         )
 
+    def images_due(self) -> bool:
+        """True once per `logging.images_every_n_steps` optimizer steps, on global rank 0 only (the step is
+        remembered, so gradient accumulation's micro-batches do not log it again)."""
+        every = int(self.cfg.logging.images_every_n_steps)
+        if self._trainer is None or every <= 0 or self.global_step % every or not self.trainer.is_global_zero:
+            return False
+        if getattr(self, "_last_image_step", None) == self.global_step:
+            return False
+        self._last_image_step = self.global_step
+        return True
+
     # ---- export -------------------------------------------------------------------------
     def export_backbone(self, out_dir: Path | str, **meta: Any) -> Path:
         return export_backbone(self.backbone, self.arch, out_dir, method=type(self).__name__,

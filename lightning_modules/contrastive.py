@@ -115,12 +115,8 @@ class ContrastiveModule(PretrainModule):
         return {"loss": loss, f"loss_{kind}": loss.detach(), "valid_pixels": valid}
 
     def _maybe_log_images(self, batch: DistortedBatch, labels: torch.Tensor) -> None:
-        every = int(self.cfg.logging.images_every_n_steps)
-        if self._trainer is None or every <= 0 or self.global_step % every or not self.trainer.is_global_zero:
+        if not self.images_due():
             return
-        if getattr(self, "_last_image_step", None) == self.global_step:
-            return
-        self._last_image_step = self.global_step
         n = min(int(self.cfg.logging.num_images), batch.images.shape[0])
         valid = batch.labels[batch.labels != int(self.cfg.model.ignore_index)]
         k = int(valid.max()) + 1 if valid.numel() else 2

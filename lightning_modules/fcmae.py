@@ -53,12 +53,8 @@ class FCMAEModule(PretrainModule):
         return {"loss": loss, "loss_recon": loss.detach(), "mask_ratio": mask.detach().float().mean()}
 
     def _maybe_log_reconstructions(self, images: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> None:
-        every = int(self.cfg.logging.images_every_n_steps)
-        if self._trainer is None or every <= 0 or self.global_step % every or not self.trainer.is_global_zero:
+        if not self.images_due():
             return
-        if getattr(self, "_last_image_step", None) == self.global_step:  # once per step under accumulation
-            return
-        self._last_image_step = self.global_step
         n = min(int(self.cfg.logging.num_images), images.shape[0])
         log_images(self.trainer, "fcmae/reconstruction", reconstruction_panels(self.fcmae, images[:n], pred[:n], mask[:n]),
                    ["input | masked | reconstruction"] * n)

@@ -124,12 +124,8 @@ class MontageModule(PretrainModule):
         return hits / max(count, 1)
 
     def _maybe_log_montages(self, batch: Any) -> None:
-        every = int(self.cfg.logging.images_every_n_steps)
-        if self._trainer is None or every <= 0 or self.global_step % every or not self.trainer.is_global_zero:
+        if not self.images_due():
             return
-        if getattr(self, "_last_image_step", None) == self.global_step:
-            return
-        self._last_image_step = self.global_step
         n = min(int(self.cfg.logging.num_images), batch.images.shape[0])
         images = denormalize(batch.images[:n])
         names = getattr(self.trainer.datamodule, "class_names", None)
