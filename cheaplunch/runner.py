@@ -78,7 +78,8 @@ def make_logger(kind: str, run_dir: Path, cfg: DictConfig) -> Logger | bool:
         rank_zero_info(f"W&B: no API key configured, logging offline to {run_dir}/wandb "
                        "(sync later with `wandb sync`)")
     logger = WandbLogger(project=cfg.logging.project, name=cfg.logging.run_name or run_dir.name,
-                         save_dir=str(run_dir), offline=mode == "offline", id=_persistent_wandb_id(run_dir))
+                         save_dir=str(run_dir), offline=mode == "offline", id=_persistent_wandb_id(run_dir),
+                         resume="allow")  # a resumed or requeued run continues the same W&B run
     return logger
 
 
