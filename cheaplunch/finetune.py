@@ -34,13 +34,10 @@ from cheaplunch.runner import (
     apply_slurm_environment,
     build_trainer,
     default_run_dir,
-    find_resume_checkpoint,
-    log_config,
+    fit_in_run_dir,
     make_logger,
-    standard_callbacks,
     write_run_config,
 )
-from lightning_modules.base import NonFiniteLossError
 from models.backbone_loading import SCRATCH, BackboneSource, resolve_backbone
 from models.export import load_state_strict
 
@@ -146,31 +143,27 @@ def run_finetune(
         cfg.logging.logger = logger
     spec = backbone if backbone is not None else str(cfg.model.backbone)
     source: BackboneSource = resolve_backbone(spec, arch, default_arch=str(cfg.model.arch))
+    notes = []  # printed once the data is known to be readable, so that an error is the only output
     if source.arch != cfg.model.arch:
-        rank_zero_info(f"model.arch: {source.arch} (from {source.description})")
+        notes.append(f"model.arch: {source.arch} (from {source.description})")
         cfg.model.arch = source.arch
     cfg.model.backbone = str(spec)
     if source.is_scratch and cfg.model.get("norm_scratch") and cfg.model.get("norm") != cfg.model.norm_scratch:
-        rank_zero_info(f"--backbone scratch: model.norm={cfg.model.norm_scratch} (model.norm_scratch) instead of "
-                       f"{cfg.model.norm}, which would freeze random-init statistics")
+        notes.append(f"--backbone scratch: model.norm={cfg.model.norm_scratch} (model.norm_scratch) instead of "
+                     f"{cfg.model.norm}, which would freeze random-init statistics")
         cfg.model.norm = cfg.model.norm_scratch
     job = apply_slurm_environment(cfg, devices=devices, num_nodes=num_nodes)
     run_dir = Path(out or default_run_dir(f"finetune_{task}", job)).resolve()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = _describe_data(entry, cfg)
+    for note in notes:
+        rank_zero_info(note)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(cfg, run_dir)
     rank_zero_info(f"{task}: {cfg.model.arch} from {source.description}; {cfg.model.num_classes} classes")
     module = entry.module_class()(cfg, backbone_state=source.state, backbone_source=source.description)
-    pl_logger = make_logger(str(cfg.logging.logger), run_dir, cfg)
-    log_config(pl_logger, cfg)
-    trainer = build_trainer(cfg, run_dir, standard_callbacks(cfg, run_dir, export=False), pl_logger)
-    ckpt = find_resume_checkpoint(run_dir, resume)
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-    except NonFiniteLossError as exc:
-        raise UserError(str(exc)) from exc
+    trainer = fit_in_run_dir(cfg, run_dir, module, datamodule, resume=resume, export=False)
     final = run_dir / "checkpoints" / "final.ckpt"
     trainer.save_checkpoint(final, weights_only=False)
     # Evaluate the final weights, unless training just did so at this very step.

@@ -14,15 +14,10 @@ from cheaplunch.registry import METHODS, lookup
 from cheaplunch.runner import (
     apply_cli_overrides,
     apply_slurm_environment,
-    build_trainer,
     default_run_dir,
-    find_resume_checkpoint,
-    log_config,
-    make_logger,
-    standard_callbacks,
+    fit_in_run_dir,
     write_run_config,
 )
-from lightning_modules.base import NonFiniteLossError
 
 
 def run_pretraining(
@@ -61,13 +56,6 @@ def run_pretraining(
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(cfg, run_dir)
     module = entry.module_class()(cfg)
-    pl_logger = make_logger(str(cfg.logging.logger), run_dir, cfg)
-    log_config(pl_logger, cfg)
-    trainer = build_trainer(cfg, run_dir, standard_callbacks(cfg, run_dir, export=True), pl_logger)
-    ckpt = find_resume_checkpoint(run_dir, resume)
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-    except NonFiniteLossError as exc:
-        raise UserError(str(exc)) from exc
+    fit_in_run_dir(cfg, run_dir, module, datamodule, resume=resume, export=True)
     rank_zero_info(f"run folder: {run_dir}")
     return run_dir

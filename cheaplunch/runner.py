@@ -26,7 +26,7 @@ from callbacks.run_artifacts import ExportBackbone, RankAudit
 from cheaplunch import REPO_ROOT, slurm
 from cheaplunch.config import save_config, to_dict
 from cheaplunch.errors import UserError
-from lightning_modules.base import batch_size_of
+from lightning_modules.base import NonFiniteLossError, batch_size_of
 
 log = logging.getLogger("cheaplunch")
 
@@ -168,3 +168,19 @@ def write_run_config(cfg: DictConfig, run_dir: Path) -> None:
 def log_config(logger: Logger | bool, cfg: DictConfig) -> None:
     if isinstance(logger, Logger):
         logger.log_hyperparams(to_dict(cfg))
+
+
+def fit_in_run_dir(cfg: DictConfig, run_dir: Path, module: L.LightningModule, datamodule: L.LightningDataModule,
+                   *, resume: str, export: bool) -> L.Trainer:
+    """The common body of a training run: logger, standard callbacks, Trainer, resume, fit. A non-finite
+    loss becomes a one-line UserError (the last good checkpoint stays in the run folder)."""
+    pl_logger = make_logger(str(cfg.logging.logger), run_dir, cfg)
+    log_config(pl_logger, cfg)
+    trainer = build_trainer(cfg, run_dir, standard_callbacks(cfg, run_dir, export=export), pl_logger)
+    ckpt = find_resume_checkpoint(run_dir, resume)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    except NonFiniteLossError as exc:
+        raise UserError(str(exc)) from exc
+    return trainer
+
