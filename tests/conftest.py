@@ -1,6 +1,7 @@
 """Shared pytest fixtures (keep this file small)."""
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -12,3 +13,12 @@ def tiny_embedded(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_embedded")
     return build_embedded(root, size=12, seed=0, image_size=128, val_size=4, progress=False)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with one torch thread (small models: less thread overhead on the 2-core CI machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

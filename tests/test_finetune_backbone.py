@@ -17,13 +17,7 @@ from models.backbones import create_backbone
 from models.detectors import convert_norm, freeze_stages
 from models.export import export_backbone
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _random_backbone(arch: str = "resnet18", seed: int = 0) -> torch.nn.Module:

@@ -19,12 +19,7 @@ TINY = ["model.arch=resnet18", "data.batch_size=8", "data.val_batch_size=16", "d
         "trainer.max_steps=2", "trainer.val_check_interval=2", "logging.num_images=2", "schedule.warmup_steps=0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _backbone_of(ckpt_path) -> dict[str, torch.Tensor]:

@@ -24,12 +24,8 @@ TINY = [
 
 
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
+def one_thread_offline(monkeypatch, one_torch_thread):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _check_coco(results: dict, kinds: tuple[str, ...]) -> None:

@@ -21,12 +21,7 @@ TINY = ["model.arch=resnet18", "data.batch_size=2", "data.val_batch_size=4", "da
         "trainer.val_check_interval=2", "logging.num_images=2", "schedule.warmup_steps=1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_segmentation_trains_evaluates_and_eval_only_reproduces(tiny_embedded, tmp_path):
