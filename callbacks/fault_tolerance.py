@@ -2,13 +2,15 @@
 command (or a SLURM requeue) continues exactly where the run stopped.
 
 - `last.ckpt` is written every N steps and at the end of training.
-- SIGTERM (and Ctrl+C): Lightning raises `SIGTERMException` after the current batch; we save `last.ckpt`
-  and the process exits with status 0.
-- SIGUSR1 (what `sbatch --signal=SIGUSR1@120` and `scancel --signal=USR1` send): the request is noted by
-  the handler and acted on at the end of the current batch, on every rank together (an all-reduce of the
-  flag), so the checkpoint always holds a whole optimizer step: `last.ckpt` is saved, rank 0 requeues the
-  SLURM job (`scontrol requeue`) when there is one, and training stops. (Lightning's own SLURM handler
-  saves from inside the signal handler, possibly in the middle of a step; we do not use it.)
+- SIGTERM and SIGUSR1 (what `sbatch --signal=SIGUSR1@120` and `scancel --signal=USR1` send) are noted by
+  their handlers (Lightning's for SIGTERM, ours for SIGUSR1) and acted on at the end of the current batch,
+  on every rank together (one all-reduce of both flags), so the checkpoint always holds a whole optimizer
+  step and a loop state Lightning resumes from exactly, also after an epoch's last batch: `last.ckpt` is
+  saved and training stops (the process exits with status 0). After SIGUSR1, rank 0 also requeues the
+  SLURM job (`scontrol requeue`) when there is one. (Lightning alone would save a SIGTERM from its
+  exception path, at an epoch end after the epoch counter moved on, a state it then resumes into an empty
+  epoch; its own SLURM handler saves from inside the signal handler, possibly mid-step. We use neither.)
+- Ctrl+C (KeyboardInterrupt) saves `last.ckpt` from Lightning's exception path.
 - A non-finite loss is *not* checkpointed: the last good checkpoint stays the newest one.
 """
 
@@ -19,6 +21,7 @@ import subprocess
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -36,6 +39,7 @@ class CheckpointOnInterrupt(Callback):
         self._previous_usr1 = None
         self._usr1_received = False
         self._saved_at_step: int | None = None
+        self._interrupt_reported = False
 
     # ---- signal plumbing --------------------------------------------------------------------------
     def _on_usr1(self, signum: int, frame: object) -> None:
@@ -57,14 +61,26 @@ class CheckpointOnInterrupt(Callback):
         trainer.save_checkpoint(self.checkpoint_path)
         self._saved_at_step = trainer.global_step
 
+    def _signals_on_any_rank(self, trainer: L.Trainer) -> tuple[bool, bool]:
+        """(SIGUSR1, SIGTERM) received by any rank, from one all-reduce (every rank calls this each step)."""
+        flags = torch.tensor([float(self._usr1_received), float(trainer.received_sigterm)],
+                             device=trainer.strategy.root_device)
+        flags = trainer.strategy.reduce(flags, reduce_op="sum")
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
         if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
             self._save(trainer)
-        if not trainer.strategy.reduce_boolean_decision(self._usr1_received, all=False):
+        usr1, sigterm = self._signals_on_any_rank(trainer)
+        if not (usr1 or sigterm):
             return
         self._usr1_received = False
         self._save(trainer)
+        trainer.should_stop = True
+        if sigterm:  # Lightning raises SIGTERMException after this hook or at the epoch end; nothing to add
+            self._report_interrupt(trainer)
+            return
         job = slurm.detect()
         rank_zero_info(f"SIGUSR1 at step {trainer.global_step}: saved {self.checkpoint_path}"
                        + (f"; requeueing SLURM job {job.job_id}" if job else "; run the same command again to resume"))
@@ -72,7 +88,6 @@ class CheckpointOnInterrupt(Callback):
             result = subprocess.run(["scontrol", "requeue", job.job_id], capture_output=True, text=True)
             if result.returncode != 0:
                 rank_zero_warn(f"scontrol requeue {job.job_id} failed: {result.stderr.strip()}")
-        trainer.should_stop = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_handler()
@@ -82,5 +97,11 @@ class CheckpointOnInterrupt(Callback):
         self._restore_handler()
         if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
             self._save(trainer)
-            rank_zero_info(f"interrupted at step {trainer.global_step}: saved {self.checkpoint_path}; "
-                           "run the same command again to resume")
+            self._report_interrupt(trainer)
+
+    def _report_interrupt(self, trainer: L.Trainer) -> None:
+        if self._interrupt_reported:
+            return
+        self._interrupt_reported = True
+        rank_zero_info(f"interrupted at step {trainer.global_step}: saved {self.checkpoint_path}; "
+                       "run the same command again to resume")

@@ -361,7 +361,10 @@ class MontageSampler(DistributedSampler):
 
     def __init__(self, dataset: MontageDataset, num_replicas: int = 1, rank: int = 0, skip: int = 0) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=num_replicas > 1)
-        self.skip = skip  # indices of the first epoch iterated to skip (already trained on before a resume)
+        # indices of the first epoch iterated to skip (already trained on before a resume). A whole epoch
+        # means the checkpoint was written after the epoch's last batch: Lightning then starts the next
+        # epoch, from its first batch.
+        self.skip = skip if skip < super().__len__() else 0
 
     def __iter__(self):
         base = self.epoch * len(self.dataset)  # type: ignore[arg-type]

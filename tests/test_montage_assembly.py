@@ -343,6 +343,20 @@ def test_sampler_shards_ranks_and_moves_on_each_epoch(bank):
     assert list(single) == list(range(10))
 
 
+
+def test_sampler_skips_the_trained_part_of_a_resumed_epoch_only(bank):
+    """A resume mid-epoch skips what was trained on, once; a resume after the epoch's last batch (skip of a
+    whole epoch) starts the next epoch from its beginning instead of leaving it empty."""
+    ds = MontageDataset(MontageAssembler(bank, LAYOUT), epoch_size=10)
+    mid = MontageSampler(ds, num_replicas=2, rank=1, skip=2)
+    mid.set_epoch(3)
+    assert list(mid) == [31 + 2 * k for k in range(2, 5)]  # rank 1 of epoch 3: 31, 33, ...; first two skipped
+    assert list(mid) == [31 + 2 * k for k in range(5)]  # the next pass is whole again
+    for whole_epoch in (5, 6):  # this rank's shard holds 5 indices
+        after_last = MontageSampler(ds, num_replicas=2, rank=1, skip=whole_epoch)
+        after_last.set_epoch(1)
+        assert list(after_last) == [11 + 2 * k for k in range(5)]
+
 def test_collate_builds_a_uint8_typed_batch(bank):
     ds = MontageDataset(MontageAssembler(bank, LAYOUT), epoch_size=8, seed=0)
     items = [ds[i] for i in range(5)]

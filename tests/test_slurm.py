@@ -16,6 +16,7 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not slurm_available(), reason="needs slurm-wlm (make test installs it) and root")]
 
 STEPS = 14
+PREEMPT_AT = 6
 TRAIN_ARGS = ["--method", "montage", "--logger", "none", "model.arch=resnet18", "data.canvas=64",
               "data.batch_size=4", "data.num_workers=0", "data.max_side=64", "trainer.accelerator=cpu",
               "model.erf.refresh_every=5", "logging.audit_ranks=true", "data.epoch_size=24",
@@ -29,7 +30,10 @@ def cluster(tmp_path_factory):
     cluster.stop()
 
 
-def _submit(cluster, tmp_path, data, run) -> str:
+def _submit(cluster, tmp_path, data, run, pause_at_step: int | None = None) -> str:
+    """sbatch a 2-node job; with `pause_at_step`, both ranks pause after that step until SIGUSR1 arrives
+    (tests/pause_at_step.py), so the preemption lands there however fast the machine is."""
+    pause = f"-m tests.pause_at_step --step {pause_at_step} --signal USR1" if pause_at_step else ""
     script = tmp_path / "job.sbatch"
     script.write_text(f"""#!/bin/bash
 #SBATCH --job-name=cheaplunch-test
@@ -41,7 +45,7 @@ def _submit(cluster, tmp_path, data, run) -> str:
 #SBATCH --output={tmp_path}/slurm-%j.out
 export MASTER_ADDR=127.0.0.1 WANDB_MODE=offline
 cd {REPO_ROOT}
-srun {sys.executable} train.py --data {data} --out {run} {' '.join(TRAIN_ARGS)}
+srun {sys.executable} {pause} train.py --data {data} --out {run} {' '.join(TRAIN_ARGS)}
 """)
     out = cluster.run("sbatch", "--parsable", str(script))
     return out.strip().split(";")[0]
@@ -80,13 +84,13 @@ def test_two_node_job_runs_both_ranks_and_writes_one_checkpoint(uninterrupted_jo
 def test_preempted_job_is_requeued_and_resumes_to_identical_weights(cluster, tiny_embedded, tmp_path,
                                                                     uninterrupted_job):
     run = tmp_path / "run"
-    job = _submit(cluster, tmp_path, tiny_embedded, run)
+    # step 6 ends the second epoch (2 ranks x 3 batches of 4 per 24-montage epoch), after the ERF refresh at 5
+    job = _submit(cluster, tmp_path, tiny_embedded, run, pause_at_step=PREEMPT_AT)
     deadline = time.time() + 300
-    while "ERF refresh at step 0" not in _log(tmp_path, job):
+    while _log(tmp_path, job).count(f"paused at step {PREEMPT_AT}") < 2:  # both ranks
         assert time.time() < deadline, _log(tmp_path, job)[-3000:]
         assert cluster.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING"), _log(tmp_path, job)[-3000:]
         time.sleep(0.5)
-    time.sleep(2)
     cluster.run("scancel", "--signal=USR1", job)
 
     deadline = time.time() + 300
@@ -97,10 +101,9 @@ def test_preempted_job_is_requeued_and_resumes_to_identical_weights(cluster, tin
     log = _log(tmp_path, job)
     assert state == "COMPLETED", log[-3000:]
     assert int(cluster.job_field(job, "Restarts") or 0) >= 1
-    saved_at = int(log.split("SIGUSR1 at step ")[1].split(":")[0])
-    assert 0 < saved_at < STEPS
+    assert f"SIGUSR1 at step {PREEMPT_AT}: saved" in log
     # the requeued job resumed at the step the checkpoint was written
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == STEPS
-    assert "resuming from" in log.split(f"SIGUSR1 at step {saved_at}")[1]
+    assert "resuming from" in log.split(f"SIGUSR1 at step {PREEMPT_AT}")[1]
     uninterrupted = _audit(uninterrupted_job[0])
     assert _audit(run)[0]["weights_sha256"] == uninterrupted[0]["weights_sha256"]
