@@ -103,6 +103,28 @@ def _describe_data(entry: Entry, cfg: DictConfig) -> Any:
     return datamodule
 
 
+def _pretrained_decoder(module_class: type, cfg: DictConfig, source: BackboneSource) -> tuple[dict[str, Any], str]:
+    """Keyword arguments that hand a pre-trained DeepLab decoder (contrastive pre-training's ASPP) to the
+    task module, and a note saying what happened to it ('' when the source has none)."""
+    if source.decoder is None:
+        return {}, ""
+    if not getattr(module_class, "takes_pretrained_decoder", False):
+        return {}, f"the pre-trained decoder of {source.description} is not used (this task has no DeepLab head)"
+    if not cfg.model.get("pretrained_decoder", True):
+        return {}, "model.pretrained_decoder=false: the DeepLab head starts from random weights"
+    # the head takes the pre-trained decoder's shape
+    shape = {"decoder_channels": source.decoder_channels, "atrous_rates": source.decoder_rates}
+    changed = []
+    for key, value in shape.items():
+        if value is not None and OmegaConf.to_object(cfg.model).get(key) != value:
+            _set(cfg, f"model.{key}", value)
+            changed.append(f"model.{key}={value}")
+    return ({"decoder_state": source.decoder, "decoder_source": f"decoder of {source.description}"},
+            f"DeepLab head: ASPP + 3x3 conv/BN from {source.description}"
+            + (f" ({', '.join(changed)} to match it)" if changed else "")
+            + "; classifier random (model.pretrained_decoder=false to start the whole head from random)")
+
+
 def run_finetune(
     task: str | None,
     *,
@@ -152,6 +174,9 @@ def run_finetune(
         notes.append(f"--backbone scratch: model.norm={cfg.model.norm_scratch} (model.norm_scratch) instead of "
                      f"{cfg.model.norm}, which would freeze random-init statistics")
         cfg.model.norm = cfg.model.norm_scratch
+    decoder_kwargs, decoder_note = _pretrained_decoder(entry.module_class(), cfg, source)
+    if decoder_note:
+        notes.append(decoder_note)
     job = apply_slurm_environment(cfg, devices=devices, num_nodes=num_nodes)
     run_dir = Path(out or default_run_dir(f"finetune_{task}", job)).resolve()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -162,7 +187,8 @@ def run_finetune(
     run_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(cfg, run_dir)
     rank_zero_info(f"{task}: {cfg.model.arch} from {source.description}; {cfg.model.num_classes} classes")
-    module = entry.module_class()(cfg, backbone_state=source.state, backbone_source=source.description)
+    module = entry.module_class()(cfg, backbone_state=source.state, backbone_source=source.description,
+                                  **decoder_kwargs)
     trainer = fit_in_run_dir(cfg, run_dir, module, datamodule, resume=resume, export=False)
     final = run_dir / "checkpoints" / "final.ckpt"
     trainer.save_checkpoint(final, weights_only=False)

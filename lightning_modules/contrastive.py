@@ -8,10 +8,10 @@ norm). Labels are downsampled (nearest) to that resolution; the loss (``model.lo
 batch, ``model.formulation``: paper | official) comes from ``models.pixel_contrastive``. Cross-image
 partners J are drawn from the *global* batch (``partner_views``: gathered over ranks with gradients).
 
-Stage 2 drops the head: the exported ``backbone.pt`` (timm key layout) is what
-``finetune.py --task segmentation --backbone <run>`` loads. The decoder's weights are also written as
-``decoder.pt`` (torchvision ``DeepLabHead`` key layout without the final classifier ``4.*``) for a
-fine-tuning that wants to start its ASPP from them.
+Stage 2 drops only the projection head: ``finetune.py --task segmentation --backbone <run>`` loads the
+exported ``backbone.pt`` (timm key layout) and ``decoder.pt`` beside it (torchvision ``DeepLabHead`` key
+layout without the final classifier ``4.*``) into its DeepLabV3, whose new 1x1 classifier starts random
+(``model.pretrained_decoder=false``: the whole head starts random).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from cheaplunch.errors import UserError
 from datamodules.distorted import DistortedBatch
 from lightning_modules.base import PretrainModule
 from lightning_modules.finetune_base import IMAGENET_MEAN, IMAGENET_STD, overlay_labels, to_uint8_image
+from models.export import DECODER_FILE
 from models.pixel_contrastive import (
     FORMULATIONS,
     LOSSES,
@@ -128,8 +129,12 @@ class ContrastiveModule(PretrainModule):
         log_images(self.trainer, "contrastive/views", panels, ["image | distorted | labels"] * n)
 
     def export_backbone(self, out_dir: Path | str, **meta: Any) -> Path:
-        path = super().export_backbone(out_dir, **meta)
+        """backbone.pt + backbone.json, and the decoder as decoder.pt (its rates and width recorded in
+        backbone.json under "decoder")."""
         if isinstance(self.embed.decoder, torch.nn.Sequential):
             state = {k: v.detach().cpu().clone() for k, v in self.embed.decoder.state_dict().items()}
-            torch.save(state, Path(out_dir) / "decoder.pt")
-        return path
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            torch.save(state, Path(out_dir) / DECODER_FILE)
+            meta["decoder"] = {"file": DECODER_FILE, "atrous_rates": [int(r) for r in self.cfg.model.atrous_rates],
+                               "channels": int(self.cfg.model.decoder_channels)}
+        return super().export_backbone(out_dir, **meta)

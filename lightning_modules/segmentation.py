@@ -23,9 +23,12 @@ from datamodules.segmentation import SegmentationBatch
 from lightning_modules.finetune_base import FinetuneModule, overlay_labels, to_uint8_image
 from models.detectors import convert_norm
 from models.evaluation import iou_from_confusion
-from models.segmenters import build_deeplabv3
+from models.export import load_state_strict
+from models.segmenters import DEFAULT_ATROUS_RATES, DEFAULT_DECODER_CHANNELS, build_deeplabv3
 
 IGNORE_INDEX = 255
+# the DeepLab head (models.segmenters.deeplab_head): 0 ASPP, 1 3x3 conv, 2 BN, 3 ReLU, 4 the 1x1 classifier
+CLASSIFIER_PREFIX = "4."
 
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -37,13 +40,23 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
 
 class SegmentationModule(FinetuneModule):
     task = "segmentation"
+    takes_pretrained_decoder = True
 
     def __init__(self, cfg: DictConfig | dict, backbone_state: dict[str, torch.Tensor] | None = None,
-                 backbone_source: str = "backbone") -> None:
+                 backbone_source: str = "backbone", decoder_state: dict[str, torch.Tensor] | None = None,
+                 decoder_source: str = "decoder") -> None:
+        """`decoder_state`: pre-trained ASPP + 3x3 conv/BN (head keys ``0-2.*``, e.g. from contrastive
+        pre-training), loaded strictly into the head; only the classifier ``4.*`` starts random. The head's
+        ``model.atrous_rates`` / ``model.decoder_channels`` must match it (finetune.py sets them)."""
         super().__init__(cfg, backbone_state, backbone_source)
         convert_norm(self.backbone, str(self.cfg.model.norm), int(self.cfg.model.gn_groups))
         self.apply_backbone_freeze()
-        self.model = build_deeplabv3(self.backbone, self.num_classes)
+        m = self.cfg.model
+        self.model = build_deeplabv3(self.backbone, self.num_classes,
+                                     atrous_rates=tuple(int(r) for r in m.get("atrous_rates", DEFAULT_ATROUS_RATES)),
+                                     channels=int(m.get("decoder_channels", DEFAULT_DECODER_CHANNELS)))
+        if decoder_state is not None:
+            load_state_strict(self.model.classifier, decoder_state, decoder_source, ignore_prefixes=(CLASSIFIER_PREFIX,))
         self.confusion = MulticlassConfusionMatrix(self.num_classes, ignore_index=IGNORE_INDEX)
         self._drawn: list[tuple[Any, ...]] = []
 

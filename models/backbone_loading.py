@@ -13,6 +13,12 @@ Accepted sources (all read with ``torch.load(..., weights_only=True)``: no pickl
 
 Loading is strict: a missing, unexpected or mis-shaped key is a ``UserError`` listing them (the usual
 cause is a wrong ``--arch``), never a silent partial load.
+
+A pre-trained DeepLab decoder (ASPP + 3x3 conv/BN, no classifier: what contrastive pre-training trains
+under its projection head) comes along when there is one: ``decoder.pt`` beside an exported backbone, or
+the ``embed.decoder.*`` weights of a contrastive Lightning checkpoint. ``BackboneSource.decoder`` holds it
+in the key layout of torchvision's ``DeepLabHead`` without the final classifier (``0.*`` ASPP, ``1.*``
+conv, ``2.*`` BN); segmentation fine-tuning starts its head from it.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 from torch import nn
 
 from cheaplunch.errors import UserError
-from models.export import load_state_strict, read_backbone
+from models.export import DECODER_FILE, load_state_strict, read_backbone
 
 SCRATCH = "scratch"
 # Prefixes a backbone's keys may carry in a Lightning checkpoint, tried in order. `backbone.` is where
@@ -35,6 +41,8 @@ SCRATCH = "scratch"
 CHECKPOINT_PREFIXES = ("backbone.",)
 # torch.compile wraps a module as `_orig_mod`; the keys underneath are the model's own.
 COMPILE_PREFIX = "_orig_mod."
+# Where a contrastive checkpoint keeps its DeepLab decoder (lightning_modules/contrastive.py: self.embed.decoder).
+DECODER_CHECKPOINT_PREFIX = "embed.decoder."
 
 
 @dataclass
@@ -45,6 +53,14 @@ class BackboneSource:
     state: dict[str, torch.Tensor] | None
     description: str
     info: dict[str, Any] = field(default_factory=dict)
+    decoder: dict[str, torch.Tensor] | None = None  # pre-trained DeepLab decoder (see the module docstring)
+    decoder_rates: list[int] | None = None  # its ASPP atrous rates, when recorded
+
+    @property
+    def decoder_channels(self) -> int | None:
+        """Width of the pre-trained decoder (output channels of its 3x3 conv ``1.weight``)."""
+        weight = (self.decoder or {}).get("1.weight")
+        return int(weight.shape[0]) if weight is not None else None
 
     @property
     def is_scratch(self) -> bool:
@@ -114,7 +130,13 @@ def resolve_backbone(spec: str, arch: str | None = None, default_arch: str | Non
             raise UserError(f"--backbone: folder {path} has neither backbone.pt nor checkpoints/last.ckpt")
     if path.with_suffix(".json").is_file() and path.suffix == ".pt":
         state, info = read_backbone(path)
-        return BackboneSource(arch or info["arch"], state, f"exported backbone {path} ({info['arch']})", info)
+        decoder_path = path.with_name(DECODER_FILE)
+        decoder = _torch_load(decoder_path, "decoder weights") if decoder_path.is_file() else None
+        if decoder is not None and not (isinstance(decoder, dict) and all(isinstance(v, torch.Tensor) for v in decoder.values())):
+            raise UserError(f"{decoder_path}: not a state_dict of decoder weights")
+        rates = (info.get("decoder") or {}).get("atrous_rates")
+        return BackboneSource(arch or info["arch"], state, f"exported backbone {path} ({info['arch']})", info,
+                              decoder=decoder, decoder_rates=rates)
     obj = _torch_load(path, "backbone weights")
     if isinstance(obj, dict) and "state_dict" in obj and ("hyper_parameters" in obj or "pytorch-lightning_version" in obj):
         state, file_arch = backbone_from_checkpoint(obj, path)
@@ -122,7 +144,12 @@ def resolve_backbone(spec: str, arch: str | None = None, default_arch: str | Non
         if not chosen:
             raise UserError(f"{path}: the checkpoint does not record model.arch; pass --arch NAME")
         info = {"arch": file_arch, "global_step": obj.get("global_step"), "source": "lightning_checkpoint"}
-        return BackboneSource(chosen, state, f"Lightning checkpoint {path} ({file_arch})", info)
+        decoder = _strip(obj["state_dict"], DECODER_CHECKPOINT_PREFIX) or None
+        rates = None
+        with contextlib.suppress(KeyError, TypeError):
+            rates = list(obj["hyper_parameters"]["config"]["model"]["atrous_rates"])
+        return BackboneSource(chosen, state, f"Lightning checkpoint {path} ({file_arch})", info, decoder=decoder,
+                              decoder_rates=rates)
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         if arch is None:
             raise UserError(f"{path}: a plain state_dict without backbone.json beside it; pass --arch NAME "

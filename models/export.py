@@ -15,6 +15,9 @@ from cheaplunch.errors import UserError
 FORMAT_VERSION = 1
 
 
+DECODER_FILE = "decoder.pt"  # a pre-trained DeepLab decoder written beside backbone.pt (contrastive runs)
+
+
 def export_backbone(backbone: nn.Module, arch: str, out_dir: Path | str, **meta: Any) -> Path:
     """Write `backbone.pt` and `backbone.json` into out_dir; returns the .pt path."""
     out_dir = Path(out_dir)

@@ -3,9 +3,8 @@ model without its classifier (timm backbone, dilated with ``output_stride``, + t
 3x3 conv/BN/ReLU that follow it in ``DeepLabHead``), features resized (bilinear) to the loss resolution,
 then a projection head of 1x1 convs with unit-normalised output. Free of Lightning.
 
-``DeepLabDecoder``'s state_dict keys are those of the first four modules of torchvision's
-``DeepLabHead`` (``0.*`` = ASPP, ``1.*`` conv, ``2.*`` BN), i.e. of ``DeepLabV3.classifier`` without its
-last 1x1 classifier ``4.*``, so its weights could seed a fine-tuning DeepLabV3 head.
+The decoder is ``models.segmenters.DeepLabDecoder``: the head of the fine-tuning DeepLabV3 without its
+last 1x1 classifier, so its weights seed that head (same keys ``0.*`` ASPP, ``1.*`` conv, ``2.*`` BN).
 """
 
 from __future__ import annotations
@@ -15,7 +14,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.segmentation.deeplabv3 import ASPP
+
+from models.segmenters import DeepLabDecoder
 
 
 class ProjectionHead(nn.Sequential):
@@ -40,19 +40,6 @@ class ProjectionHead(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(super().forward(x), dim=1)
-
-
-class DeepLabDecoder(nn.Sequential):
-    """torchvision ``DeepLabHead`` without its final classifier: ASPP(rates) -> 3x3 conv -> BN -> ReLU."""
-
-    def __init__(self, in_channels: int, atrous_rates: Sequence[int] = (12, 24, 36), out_channels: int = 256) -> None:
-        super().__init__(
-            ASPP(in_channels, list(atrous_rates), out_channels),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(),
-        )
-        self.out_channels = out_channels
 
 
 class PixelEmbedder(nn.Module):
