@@ -108,17 +108,35 @@ class CellInfo(dict):
         self.extra: dict[str, Any] = extra or {}
 
 
-def _fit_axis(
-    scaled: int, stored: int, cell: int, pad: str, rng: np.random.Generator
-) -> tuple[int, int, int, int]:
-    """One axis of the fit. Returns (p, m, n, off): stored region start/length, output length, and
-    the content's offset inside the cell."""
+def _fit_axis(scaled: int, stored: int, cell: int, pad: str, u: float) -> tuple[int, int, int, int]:
+    """One axis of the fit, with ``u`` uniform in [0, 1) for the random offset. Returns (p, m, n, off):
+    stored region start/length, output length, and the content's offset inside the cell."""
     if scaled <= cell:  # pad: whole sample visible
-        off = int(rng.integers(0, cell - scaled + 1)) if pad == "random" else (cell - scaled) // 2
+        off = min(int(u * (cell - scaled + 1)), cell - scaled) if pad == "random" else (cell - scaled) // 2
         return 0, stored, scaled, off
     m = min(stored, max(1, round(cell * stored / scaled)))  # stored pixels that survive the crop
-    p = int(rng.integers(0, stored - m + 1))
-    return p, m, cell, 0
+    return min(int(u * (stored - m + 1)), stored - m), m, cell, 0
+
+
+class Placement(NamedTuple):
+    """How one bank sample was put into one cell (what ``CellInfo`` is computed from)."""
+
+    position: str
+    index: int  # bank index
+    group: str  # the group the sample came from
+    scale: float
+    flip: bool
+    stored_size: tuple[int, int]  # (w, h) of the stored crop
+    scaled_size: tuple[int, int]  # (w, h) of the whole rescaled sample
+    crop_in_stored: tuple[int, int, int, int]  # kept region of the stored crop (x, y, w, h)
+    out_size: tuple[int, int]  # (w, h) of the content in the canvas
+    pad_offset: tuple[int, int]  # content offset inside the preset cell
+
+
+# random numbers per montage, drawn in one call: for each of the 4 draws (in DRAW_ORDER) the pool pick,
+# the scale, the flip and the x / y offsets of the pad or crop
+_UNIFORMS_PER_DRAW = 5
+DRAW_ORDER: tuple[str, ...] = ("top_right", "bottom_left", "top_left", "bottom_right")
 
 
 class MontageAssembler:
@@ -152,6 +170,7 @@ class MontageAssembler:
         self.cells = layout.cell_boxes()
         self.pools: dict[str, np.ndarray] = {g: bank.group_indices(g) for g in GROUPS}
         # per-sample fields as Python ints (numpy scalar access costs more than the pixel work here)
+        self._pool_lists: dict[str, list[int]] = {g: v.tolist() for g, v in self.pools.items()}
         self._boxes: list[list[int]] = bank.source_boxes.tolist()
         self._labels: list[int] = bank.labels.tolist()
         self._cats: list[int] = bank.category_ids.tolist()
@@ -168,30 +187,36 @@ class MontageAssembler:
                     bank.directory, g, g, src,
                 )
 
-    def _draw(self, group: str, rng: np.random.Generator) -> tuple[int, str]:
-        src = self.source_group[group]
-        pool = self.pools[src]
-        return int(pool[rng.integers(0, len(pool))]), src
-
     def assemble(
         self, rng: np.random.Generator, out: np.ndarray | None = None
     ) -> tuple[np.ndarray, list[CellInfo]]:
         """One montage: (canvas uint8 HxWx3 RGB, one ``CellInfo`` per cell in POSITIONS order).
 
         ``out``: an HxWx3 uint8 array to draw into (zeroed first) instead of a new canvas."""
-        lo, hi = self.scale_range
-        draws: dict[str, tuple[int, str, float, bool]] = {}
-        s_draws = []
-        for pos in ("top_right", "bottom_left", "top_left", "bottom_right"):
-            idx, src = self._draw(POSITION_GROUPS[pos], rng)
-            scale = float(rng.uniform(lo, hi))
-            flip = bool(rng.random() < self.flip_p)
-            if POSITION_GROUPS[pos] == "S":
-                s_draws.append((idx, src, scale, flip))
-            else:
-                draws[pos] = (idx, src, scale, flip)
+        canvas, placements = self.compose(rng, out)
+        return canvas, [self.cell_info(p) for p in placements]
 
-        def scaled_area(d: tuple[int, str, float, bool]) -> int:
+    def compose(
+        self, rng: np.random.Generator, out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, list[Placement]]:
+        """As ``assemble`` but returns the raw ``Placement`` of each cell (the training path: labels and
+        cell boxes without building the metadata dicts). Same random draws, so the same canvas."""
+        lo, hi = self.scale_range
+        u = rng.random(_UNIFORMS_PER_DRAW * len(DRAW_ORDER)).tolist()
+        draws: dict[str, tuple[int, str, float, bool, float, float]] = {}
+        s_draws = []
+        for k, pos in enumerate(DRAW_ORDER):
+            src = self.source_group[POSITION_GROUPS[pos]]
+            pool = self._pool_lists[src]
+            pick, scale, flip, ux, uy = u[_UNIFORMS_PER_DRAW * k : _UNIFORMS_PER_DRAW * (k + 1)]
+            draw = (pool[min(int(pick * len(pool)), len(pool) - 1)], src, lo + (hi - lo) * scale,
+                    flip < self.flip_p, ux, uy)
+            if POSITION_GROUPS[pos] == "S":
+                s_draws.append(draw)
+            else:
+                draws[pos] = draw
+
+        def scaled_area(d: tuple[int, str, float, bool, float, float]) -> int:
             _, _, bw, bh = self._boxes[d[0]]
             return max(1, round(bw * d[2])) * max(1, round(bh * d[2]))
 
@@ -206,20 +231,18 @@ class MontageAssembler:
                 raise ValueError(f"out must be a ({h}, {w}, 3) uint8 array, got {out.shape} {out.dtype}")
             canvas = out
             canvas.fill(0)
-        infos = [self._place(canvas, pos, *draws[pos], rng) for pos in POSITIONS]
-        return canvas, infos
+        return canvas, [self._place(canvas, pos, *draws[pos]) for pos in POSITIONS]
 
     def _place(
-        self, canvas: np.ndarray, pos: str, idx: int, src_group: str, scale: float, flip: bool,
-        rng: np.random.Generator,
-    ) -> CellInfo:
+        self, canvas: np.ndarray, pos: str, idx: int, src_group: str, scale: float, flip: bool, ux: float, uy: float
+    ) -> Placement:
         cx, cy, cw, ch = self.cells[pos]
-        bx, by, bw, bh = self._boxes[idx]
+        _, _, bw, bh = self._boxes[idx]
         crop = self.bank.crop(idx)
         sh, sw = crop.shape[:2]
         ws, hs = max(1, round(bw * scale)), max(1, round(bh * scale))
-        px, mw, nw, ox = _fit_axis(ws, sw, cw, self.pad, rng)
-        py, mh, nh, oy = _fit_axis(hs, sh, ch, self.pad, rng)
+        px, mw, nw, ox = _fit_axis(ws, sw, cw, self.pad, ux)
+        py, mh, nh, oy = _fit_axis(hs, sh, ch, self.pad, uy)
         region = crop[py : py + mh, px : px + mw]
         dst = canvas[cy + oy : cy + oy + nh, cx + ox : cx + ox + nw]
         if (mw, mh) == (nw, nh):  # no resampling needed (scale realised as exactly 1)
@@ -234,33 +257,46 @@ class MontageAssembler:
             if flip:
                 cv2.flip(dst, 1, dst=dst)  # in place: the resize is mirror-symmetric, so this equals
                 # resizing the mirrored region
+        return Placement(pos, idx, src_group, scale, flip, (sw, sh), (ws, hs), (px, py, mw, mh), (nw, nh), (ox, oy))
 
+    def cell_box(self, p: Placement) -> list[int]:
+        """[x, y, w, h] of the canvas covered by the sample's pixels."""
+        cx, cy, _, _ = self.cells[p.position]
+        return [cx + p.pad_offset[0], cy + p.pad_offset[1], *p.out_size]
+
+    def cell_info(self, p: Placement) -> CellInfo:
+        """The metadata of one placed cell (``CELL_KEYS`` and ``.extra``, see the module docstring)."""
+        bx, by, bw, bh = self._boxes[p.index]
+        sw, sh = p.stored_size
+        ws, hs = p.scaled_size
+        px, py, mw, mh = p.crop_in_stored
+        nw, nh = p.out_size
         fx, fy = sw / bw, sh / bh  # stored pixels per source pixel (1 unless capped)
         ux = min(round(px * ws / sw), ws - nw)  # window start in the rescaled sample (before the flip)
         uy = min(round(py * hs / sh), hs - nh)
-        cat = self._cats[idx]
+        cat = self._cats[p.index]
         extra = {
-            "index": int(idx),
-            "requested_group": POSITION_GROUPS[pos],
-            "preset_cell": [cx, cy, cw, ch],
+            "index": int(p.index),
+            "requested_group": POSITION_GROUPS[p.position],
+            "preset_cell": list(self.cells[p.position]),
             "pad": self.pad,
-            "pad_offset": [ox, oy],
+            "pad_offset": list(p.pad_offset),
             "scaled_size": [ws, hs],
-            "crop_in_scaled": [ws - ux - nw if flip else ux, uy, nw, nh],
+            "crop_in_scaled": [ws - ux - nw if p.flip else ux, uy, nw, nh],
             "crop_in_source": [_num(px / fx), _num(py / fy), _num(mw / fx), _num(mh / fy)],
             "crop_in_stored": [px, py, mw, mh],
             "realised_scale": [nw / mw * fx, nh / mh * fy],
         }
         return CellInfo(
-            position=pos,
-            group=src_group,
-            label=self._labels[idx],
+            position=p.position,
+            group=p.group,
+            label=self._labels[p.index],
             category_id=None if cat < 0 else cat,
-            image_id=self._image_ids[idx],
+            image_id=self._image_ids[p.index],
             source_box=[bx, by, bw, bh],
-            scale=scale,
-            flip=flip,
-            cell_box=[cx + ox, cy + oy, nw, nh],
+            scale=p.scale,
+            flip=bool(p.flip),
+            cell_box=self.cell_box(p),
             extra=extra,
         )
 
@@ -276,11 +312,12 @@ def _num(v: float) -> int | float:
 
 
 class MontageItem(NamedTuple):
-    """One dataset item (before collation)."""
+    """One dataset item (before collation). Labels and boxes stay Python ints here: ``collate_montages``
+    makes one tensor of each per batch (two small tensors per item cost more than a whole resize)."""
 
     image: torch.Tensor  # (H, W, 3) uint8 RGB canvas
-    labels: torch.Tensor  # (4,) long, POSITIONS order
-    cell_boxes: torch.Tensor  # (4, 4) long x, y, w, h of each cell's content
+    labels: tuple[int, ...]  # 4 labels, POSITIONS order
+    cell_boxes: tuple[list[int], ...]  # 4 x [x, y, w, h] of each cell's content
     index: int
 
 
@@ -327,11 +364,12 @@ class MontageDataset(Dataset):
     def _item(self, index: int, out: np.ndarray | None) -> MontageItem:
         if index < 0:
             raise IndexError(f"montage index must be >= 0, got {index}")
-        canvas, cells = self.assembler.assemble(np.random.default_rng([self.seed, self.rank, int(index)]), out)
+        asm = self.assembler
+        canvas, placements = asm.compose(np.random.default_rng([self.seed, self.rank, int(index)]), out)
         return MontageItem(
             image=torch.from_numpy(canvas),
-            labels=torch.tensor([c["label"] for c in cells], dtype=torch.long),
-            cell_boxes=torch.tensor([c["cell_box"] for c in cells], dtype=torch.long),
+            labels=tuple(asm._labels[p.index] for p in placements),
+            cell_boxes=tuple(asm.cell_box(p) for p in placements),
             index=int(index),
         )
 
@@ -498,8 +536,8 @@ def collate_montages(items: Sequence[MontageItem]) -> MontageBatch:
         out[i] = arr
     return MontageBatch(
         images=result.permute(0, 3, 1, 2),
-        labels=torch.stack([it.labels for it in items]),
-        cell_boxes=torch.stack([it.cell_boxes for it in items]),
+        labels=torch.tensor([it.labels for it in items], dtype=torch.long),
+        cell_boxes=torch.tensor([it.cell_boxes for it in items], dtype=torch.long),
         index=torch.tensor([it.index for it in items], dtype=torch.long),
     )
 

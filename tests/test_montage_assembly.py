@@ -27,6 +27,7 @@ from datamodules.montage import (
     MontageDataModule,
     MontageDataset,
     MontageSampler,
+    _fit_axis,
     _normalize_affine,
     collate_montages,
     denormalize,
@@ -305,15 +306,16 @@ def test_dataset_is_deterministic_and_rank_dependent(bank):
     asm = MontageAssembler(bank, LAYOUT)
     ds = MontageDataset(asm, epoch_size=10, seed=3)
     a, b = ds[5], MontageDataset(asm, epoch_size=10, seed=3)[5]
-    assert torch.equal(a.image, b.image) and torch.equal(a.labels, b.labels)
+    assert torch.equal(a.image, b.image) and a.labels == b.labels
     assert not torch.equal(a.image, ds[6].image)
     assert not torch.equal(a.image, MontageDataset(asm, 10, seed=4)[5].image)
     assert not torch.equal(a.image, MontageDataset(asm, 10, seed=3, rank=1)[5].image)
     assert a.image.shape == (224, 224, 3) and a.image.dtype == torch.uint8
-    assert a.labels.shape == (4,) and a.cell_boxes.shape == (4, 4) and a.index == 5
-    _, cells = ds.montage(5)
-    assert a.labels.tolist() == [c["label"] for c in cells]
-    assert a.cell_boxes.tolist() == [c["cell_box"] for c in cells]
+    assert len(a.labels) == 4 and len(a.cell_boxes) == 4 and a.index == 5
+    canvas, cells = ds.montage(5)  # the metadata path draws the same montage as the training path
+    assert torch.equal(a.image, torch.from_numpy(canvas))
+    assert list(a.labels) == [c["label"] for c in cells]
+    assert list(a.cell_boxes) == [c["cell_box"] for c in cells]
 
 
 def test_batched_fetch_matches_single_items(bank):
@@ -321,13 +323,29 @@ def test_batched_fetch_matches_single_items(bank):
     singles = [ds[i] for i in (3, 1, 7)]
     batch = ds.__getitems__([3, 1, 7])
     for a, b in zip(singles, batch):
-        assert torch.equal(a.image, b.image) and torch.equal(a.labels, b.labels)
-        assert torch.equal(a.cell_boxes, b.cell_boxes) and a.index == b.index
+        assert torch.equal(a.image, b.image) and a.labels == b.labels
+        assert a.cell_boxes == b.cell_boxes and a.index == b.index
     collated = collate_montages(batch)
     ds.__getitems__([0, 2])  # reuses the buffer: the collated batch must not change
     torch.testing.assert_close(collated.images, collate_montages(singles).images, rtol=0, atol=0)
     assert pickle.loads(pickle.dumps(ds))._buffer is None
 
+
+
+def test_fit_axis_offsets_cover_every_position_and_never_overflow():
+    """The uniform u in [0, 1) maps onto every admissible offset, the extremes included (u = 0 and the
+    largest double below 1), for the random pad and the crop; the centre pad ignores u."""
+    below_one = np.nextafter(1.0, 0.0)
+    for scaled, stored, cell in [(5, 5, 9), (30, 20, 17), (3, 3, 3), (100, 80, 7)]:
+        offsets = {_fit_axis(scaled, stored, cell, "random", u) for u in np.linspace(0, below_one, 2001)}
+        if scaled <= cell:  # pad: (0, stored, scaled, off) with off in [0, cell - scaled]
+            assert {o[3] for o in offsets} == set(range(cell - scaled + 1))
+            assert {o[:3] for o in offsets} == {(0, stored, scaled)}
+            assert _fit_axis(scaled, stored, cell, "center", below_one)[3] == (cell - scaled) // 2
+        else:  # crop: m stored pixels survive, start p in [0, stored - m]
+            m = min(stored, max(1, round(cell * stored / scaled)))
+            assert {o[0] for o in offsets} == set(range(stored - m + 1))
+            assert {o[1:] for o in offsets} == {(m, cell, 0)}
 
 def test_sampler_shards_ranks_and_moves_on_each_epoch(bank):
     ds = MontageDataset(MontageAssembler(bank, LAYOUT), epoch_size=10)
