@@ -5,7 +5,9 @@ optimizer steps,
 
 - ``scratch``: cross-entropy fine-tuning (DeepLabV3 on resnet18) from random init for PRE + FT steps;
 - ``contrastive``: ``train.py --method contrastive`` on the same labelled subset for PRE steps, then
-  ``finetune.py --task segmentation --backbone <run>`` for FT steps (same config as scratch otherwise).
+  ``finetune.py --task segmentation --backbone <run>`` for FT steps (same config as scratch otherwise);
+  the fine-tuning starts backbone and DeepLab decoder (ASPP + 3x3 conv/BN) from the pre-training, only the
+  projection head is dropped and the 1x1 classifier is new.
 
 Both see only the labelled subset (``--label-fraction F``, nested and seeded, shared by the two stages),
 with the same seed, crop size and fine-tuning schedule shape (warm-up + cosine over its own steps).
@@ -57,6 +59,8 @@ def main() -> None:
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--pre-override", action="append", default=[], metavar="key=value",
                    help="extra override for the contrastive pre-training runs")
+    p.add_argument("--ft-override", action="append", default=[], metavar="key=value",
+                   help="extra override for every fine-tuning run (scratch and after pre-training)")
     args = p.parse_args()
 
     py = sys.executable
@@ -66,7 +70,8 @@ def main() -> None:
               f"data.crop_size={s}", f"data.batch_size={args.batch_size}", "data.num_workers=1"]
     if args.data:
         common = ["--data", args.data, *common]
-    ft_common = [*common, f"data.val_size={s}", "data.val_batch_size=16", "trainer.log_every_n_steps=10"]
+    ft_common = [*common, f"data.val_size={s}", "data.val_batch_size=16", "trainer.log_every_n_steps=10",
+                 *args.ft_override]
     runs = Path(args.runs)
     rows = []
     for frac in args.fractions:
@@ -107,7 +112,8 @@ def main() -> None:
     res.mkdir(parents=True, exist_ok=True)
     meta = {"command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]), "arch": args.arch, "size": s,
             "batch_size": args.batch_size, "pre_steps": args.pre_steps, "ft_steps": args.ft_steps,
-            "total_steps": total, "seed": args.seed, "pre_overrides": args.pre_override}
+            "total_steps": total, "seed": args.seed, "pre_overrides": args.pre_override,
+            "ft_overrides": args.ft_override}
     (res / "contrastive_label_efficiency.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     _markdown(res / "contrastive_label_efficiency.md", rows, meta)
     _plot(res / "contrastive_label_efficiency.png", rows, meta)
@@ -134,7 +140,9 @@ def _markdown(path: Path, rows: list[dict], meta: dict) -> None:
         f"{meta['arch']} (DeepLabV3 head, output stride 16), {meta['size']} px crops, batch {meta['batch_size']}, "
         f"seed {meta['seed']}, CPU. Same total budget of {meta['total_steps']} optimizer steps per row: scratch = "
         f"{meta['total_steps']} fine-tuning steps; contrastive = {meta['pre_steps']} pre-training steps on the "
-        f"labelled subset + {meta['ft_steps']} fine-tuning steps. mIoU on the whole val split (dataset-level "
+        f"labelled subset + {meta['ft_steps']} fine-tuning steps, starting backbone and DeepLab decoder (ASPP) "
+        "from the pre-training (new 1x1 classifier). Fine-tuning overrides (both arms): "
+        f"{' '.join(meta.get('ft_overrides') or []) or 'none'}. mIoU on the whole val split (dataset-level "
         "confusion matrix). One seed: differences of a few points are within run-to-run noise.", "",
         "| labelled fraction | labelled images | CE from scratch mIoU | contrastive + CE mIoU | difference | "
         "classes with IoU > 0.01 (scratch / contrastive) |",

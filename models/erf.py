@@ -142,33 +142,30 @@ def _position_onehots(start: int, stop: int, s: Tensor) -> Tensor:
     return onehot.view(-1, 1, h, w).expand(-1, b, h, w)
 
 
-def _erf_vmap(model: nn.Module, images: Tensor, chunk_size: int | None) -> Tensor:
-    x = images.detach().requires_grad_(True)
-    s = _feature_map(model, x).sum(dim=1)  # (B, h, w)
+def _erf_chunked(s: Tensor, images: Tensor, chunk_size: int | None,
+                 grads_of: Callable[[Tensor, bool], Tensor]) -> Tensor:
+    """(h, w, H, W) ERF from ``grads_of(onehots, last)``: the input gradients (P, B, C, H, W) of the summed
+    feature map ``s`` (B, h, w) for P one-hot position seeds, asked for in chunks of ``chunk_size``."""
     _, h, w = s.shape
     n = h * w
     step = n if chunk_size is None else chunk_size
     out = torch.empty(n, *images.shape[-2:], device=images.device, dtype=torch.float32)
     for start in range(0, n, step):
         stop = min(start + step, n)
-        (g,) = torch.autograd.grad(
-            s, x, grad_outputs=_position_onehots(start, stop, s), is_grads_batched=True, retain_graph=stop < n
-        )
-        out[start:stop] = _reduce(g).float()
+        out[start:stop] = _reduce(grads_of(_position_onehots(start, stop, s.detach()), stop == n)).float()
     return out.view(h, w, *images.shape[-2:])
+
+
+def _erf_vmap(model: nn.Module, images: Tensor, chunk_size: int | None) -> Tensor:
+    x = images.detach().requires_grad_(True)
+    s = _feature_map(model, x).sum(dim=1)  # (B, h, w)
+    return _erf_chunked(s, images, chunk_size, lambda seeds, last: torch.autograd.grad(
+        s, x, grad_outputs=seeds, is_grads_batched=True, retain_graph=not last)[0])
 
 
 def _erf_func(model: nn.Module, images: Tensor, chunk_size: int | None) -> Tensor:
     s, vjp_fn = torch.func.vjp(lambda x: _feature_map(model, x).sum(dim=1), images.detach())
-    _, h, w = s.shape
-    n = h * w
-    step = n if chunk_size is None else chunk_size
-    out = torch.empty(n, *images.shape[-2:], device=images.device, dtype=torch.float32)
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        (g,) = torch.func.vmap(vjp_fn)(_position_onehots(start, stop, s.detach()))
-        out[start:stop] = _reduce(g).float()
-    return out.view(h, w, *images.shape[-2:])
+    return _erf_chunked(s, images, chunk_size, lambda seeds, last: torch.func.vmap(vjp_fn)(seeds)[0])
 
 
 def _erf_loop(model: nn.Module, images: Tensor) -> Tensor:

@@ -191,6 +191,22 @@ def _subsample(labels_flat: torch.Tensor, max_pixels: int | None, sampling: str,
     return sample_pixels(labels_flat, max_pixels, sampling, ignore_index=ignore_index, generator=generator)
 
 
+def _two_view_loss(f: torch.Tensor, fd: torch.Tensor, lab: torch.Tensor, official: bool, *, temperature: float,
+                   ignore_index: int, chunk_size: int | None) -> torch.Tensor:
+    """One bag per row of (f, fd, lab) (an image, or the whole batch flattened into one row): the paper's
+    anchors of I against keys of I^, or the TF code's orig<->orig + aug<->aug pairs, summed."""
+    grp = torch.zeros(lab.shape[1], dtype=torch.long, device=lab.device)
+    kw = dict(temperature=temperature, official=official, ignore_index=ignore_index, chunk_size=chunk_size)
+    if official:
+        loss = 0.0
+        for view in (f, fd):
+            total, count = _bag_rows(view, view, lab, lab, grp, grp, **kw)
+            loss = loss + _mean_over_images(total, count, True)
+        return loss
+    total, count = _bag_rows(f, fd, lab, lab, grp, grp, **kw)
+    return _mean_over_images(total, count, False)
+
+
 # ------------------------------------------------------------------------------------ public losses
 def within_image_loss(feats: torch.Tensor, feats_distorted: torch.Tensor, labels: torch.Tensor, *,
                       temperature: float = 0.07, ignore_index: int = IGNORE_INDEX, formulation: str = "paper",
@@ -201,16 +217,8 @@ def within_image_loss(feats: torch.Tensor, feats_distorted: torch.Tensor, labels
     f, fd, lab = _flatten(feats), _flatten(feats_distorted), labels.flatten(1)
     idx = _subsample(lab, max_pixels, sampling, ignore_index, generator)
     f, fd, lab = _take(f, idx), _take(fd, idx), _take(lab, idx)
-    grp = torch.zeros(lab.shape[1], dtype=torch.long, device=lab.device)
-    kw = dict(temperature=temperature, official=official, ignore_index=ignore_index, chunk_size=chunk_size)
-    if official:
-        loss = 0.0
-        for view in (f, fd):  # orig<->orig + aug<->aug, summed as in the TF code
-            total, count = _bag_rows(view, view, lab, lab, grp, grp, **kw)
-            loss = loss + _mean_over_images(total, count, True)
-        return loss
-    total, count = _bag_rows(f, fd, lab, lab, grp, grp, **kw)
-    return _mean_over_images(total, count, False)
+    return _two_view_loss(f, fd, lab, official, temperature=temperature, ignore_index=ignore_index,
+                          chunk_size=chunk_size)
 
 
 def cross_image_loss(feats: torch.Tensor, feats_distorted: torch.Tensor, labels: torch.Tensor,
@@ -249,16 +257,8 @@ def batch_loss(feats: torch.Tensor, feats_distorted: torch.Tensor, labels: torch
     idx = _subsample(lab, max_pixels, sampling, ignore_index, generator)
     f, fd, lab = _take(f, idx), _take(fd, idx), _take(lab, idx)
     f, fd, lab = f.reshape(1, -1, f.shape[-1]), fd.reshape(1, -1, fd.shape[-1]), lab.reshape(1, -1)
-    grp = torch.zeros(lab.shape[1], dtype=torch.long, device=lab.device)
-    kw = dict(temperature=temperature, official=official, ignore_index=ignore_index, chunk_size=chunk_size)
-    if official:
-        loss = 0.0
-        for view in (f, fd):
-            total, count = _bag_rows(view, view, lab, lab, grp, grp, **kw)
-            loss = loss + _mean_over_images(total, count, True)
-        return loss
-    total, count = _bag_rows(f, fd, lab, lab, grp, grp, **kw)
-    return _mean_over_images(total, count, False)
+    return _two_view_loss(f, fd, lab, official, temperature=temperature, ignore_index=ignore_index,
+                          chunk_size=chunk_size)
 
 
 def pixel_contrastive_loss(kind: str, feats: torch.Tensor, feats_distorted: torch.Tensor, labels: torch.Tensor,
