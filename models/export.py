@@ -51,17 +51,24 @@ def read_backbone(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, 
     return state, info
 
 
-def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str, ignore_prefixes: tuple[str, ...] = ()) -> None:
-    """Load `state` into `module`, failing with a list of missing/unexpected/mis-shaped keys instead of a
-    silent partial load. Keys starting with an entry of `ignore_prefixes` are allowed to be missing."""
-    own = module.state_dict()
+def state_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+                   ignore_prefixes: tuple[str, ...] = ()) -> str:
+    """'' when `state` fits a model whose state_dict is `own`, else a one-line list of the missing,
+    unexpected and mis-shaped keys. Keys starting with an entry of `ignore_prefixes` may be missing."""
     missing = [k for k in own if k not in state and not k.startswith(ignore_prefixes)]
     unexpected = [k for k in state if k not in own]
     shape = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shape:
-        parts = []
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shape)):
-            if keys:
-                parts.append(f"{title} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
-        raise UserError(f"{source}: weights do not match the model; " + "; ".join(parts))
+    parts = []
+    for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shape)):
+        if keys:
+            parts.append(f"{title} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}")
+    return "; ".join(parts)
+
+
+def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str, ignore_prefixes: tuple[str, ...] = ()) -> None:
+    """Load `state` into `module`, failing with a list of missing/unexpected/mis-shaped keys instead of a
+    silent partial load. Keys starting with an entry of `ignore_prefixes` are allowed to be missing."""
+    problems = state_mismatch(module.state_dict(), state, ignore_prefixes)
+    if problems:
+        raise UserError(f"{source}: weights do not match the model; {problems}")
     module.load_state_dict(state, strict=False)

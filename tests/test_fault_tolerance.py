@@ -82,3 +82,36 @@ def test_non_finite_loss_stops_with_message_and_keeps_last_good_checkpoint(tiny_
     failed_step = int(message.split("step ")[1].split()[0])
     assert ckpt["global_step"] == failed_step  # the checkpoint before the bad step, not after it
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_resuming_another_model_is_a_clear_error_before_training(tmp_path):
+    """The same --out re-run with another model: one UserError naming the file, the mismatched keys and the
+    changed settings (not Lightning's traceback mid-fit); parts a module builds later (top-level names it
+    does not have yet, e.g. the montage head and ERF buffers) do not count."""
+    from omegaconf import OmegaConf
+
+    from cheaplunch.errors import UserError
+    from cheaplunch.runner import check_checkpoint_fits
+
+    module = torch.nn.Module()
+    module.backbone = torch.nn.Linear(2, 3)
+    cfg = OmegaConf.create({"model": {"arch": "small", "num_classes": 3}})
+    ok = {"backbone.weight": torch.zeros(3, 2), "backbone.bias": torch.zeros(3), "head.weight": torch.zeros(5)}
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": ok, "hyper_parameters": {"config": {"model": {"arch": "small"}}}}, path)
+    check_checkpoint_fits(module, path, cfg)  # head.* is built later: fine
+
+    bigger = {**ok, "backbone.weight": torch.zeros(4, 2), "backbone.extra": torch.zeros(1)}
+    torch.save({"state_dict": bigger, "hyper_parameters": {"config": {"model": {"arch": "big", "num_classes": 3}}}},
+               path)
+    with pytest.raises(UserError) as err:
+        check_checkpoint_fits(module, path, cfg)
+    message = str(err.value)
+    assert message.startswith(f"{path}: cannot resume")
+    assert "unexpected (1): backbone.extra" in message and "backbone.weight (4, 2) vs (3, 2)" in message
+    assert "model.arch: 'big' -> 'small'" in message and "num_classes" not in message
+    assert "--resume never" in message
+
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot read the checkpoint to resume from"):
+        check_checkpoint_fits(module, path, cfg)
