@@ -215,9 +215,15 @@ class MaskedDataModule(L.LightningDataModule):
         dataset = self.train_dataset
         world = int(self.trainer.world_size) if self.trainer is not None else 1
         rank = int(self.trainer.global_rank) if self.trainer is not None else 0
+        sampler = EpochKeySampler(dataset, num_replicas=world, rank=rank, seed=self.seed)
+        if len(sampler) < self.batch_size:  # drop_last would leave the epoch empty: nothing would train
+            where = self.data_root or "the embedded dataset"
+            raise UserError(f"{where}: {len(dataset)} training images give {len(sampler)} per process "
+                            f"({world} process(es)), fewer than data.batch_size={self.batch_size}: lower "
+                            "data.batch_size or add images")
         return DataLoader(
             dataset, batch_size=self.batch_size, drop_last=True,
-            sampler=EpochKeySampler(dataset, num_replicas=world, rank=rank, seed=self.seed),
+            sampler=sampler,
             num_workers=self.num_workers, collate_fn=collate_masked,
             pin_memory=self.pin_memory and torch.cuda.is_available(), persistent_workers=self.num_workers > 0,
         )

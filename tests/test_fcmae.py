@@ -223,7 +223,7 @@ def test_datamodule_batches_masks_and_determinism(tiny_embedded):
     assert not torch.equal(a.images, d.images) and (d.keys >= 12).all()  # epoch 1: fresh draws
 
 
-def test_datamodule_rejects_bad_patch_size(tiny_embedded):
+def test_datamodule_rejects_bad_geometry_and_too_few_images(tiny_embedded):
     from cheaplunch.errors import UserError
     from datamodules.masked import MaskedDataModule
 
@@ -231,6 +231,9 @@ def test_datamodule_rejects_bad_patch_size(tiny_embedded):
         MaskedDataModule.from_config(_cfg(tiny_embedded, "model.patch_size=16"))
     with pytest.raises(UserError, match="multiple of patch_size"):
         MaskedDataModule.from_config(_cfg(tiny_embedded, "data.image_size=80"))
+    # 12 images and batch 16: an empty epoch (drop_last) would train nothing without a word
+    with pytest.raises(UserError, match=r"12 training images give 12 per process .*data.batch_size=16"):
+        MaskedDataModule.from_config(_cfg(tiny_embedded, "data.batch_size=16")).train_dataloader()
 
 
 def test_weight_decay_groups_and_peak_lr(tiny_embedded):
