@@ -104,6 +104,7 @@ def main() -> None:
         row["contrastive"], row["contrastive_per_class"] = res["mIoU"], res["per_class_IoU"]
         row["contrastive_history"] = json.loads((out / "history.json").read_text())
         row["labelled_images"] = _count_labelled(runs / tag / "scratch" / "config.yaml")
+        row["pre_loss"] = _first_last_loss(pre / "csv" / "metrics.csv")
         rows.append(row)
         print(f"fraction {frac}: scratch mIoU {row['scratch']:.4f}  contrastive+ft mIoU {row['contrastive']:.4f}",
               flush=True)
@@ -117,6 +118,18 @@ def main() -> None:
     (res / "contrastive_label_efficiency.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     _markdown(res / "contrastive_label_efficiency.md", rows, meta)
     _plot(res / "contrastive_label_efficiency.png", rows, meta)
+
+
+def _first_last_loss(metrics_csv: Path) -> list[float] | None:
+    """[first, last] logged train/loss of a run (CSV logger), or None."""
+    import csv
+
+    try:
+        with metrics_csv.open() as fh:
+            losses = [float(r["train/loss"]) for r in csv.DictReader(fh) if r.get("train/loss")]
+    except (OSError, KeyError, ValueError):
+        return None
+    return [losses[0], losses[-1]] if losses else None
 
 
 def _count_labelled(config_yaml: Path) -> int | None:
@@ -159,6 +172,16 @@ def _markdown(path: Path, rows: list[dict], meta: dict) -> None:
         lines += ["", f"Background IoU ranges {min(bg):.3f}-{max(bg):.3f}. When only the background is found, "
                   f"mIoU is about background IoU / number of classes present: rows near that value have not "
                   "learnt the object classes yet, and their differences say nothing about the pre-training."]
+    lines += ["", "Reading it (same seed and fine-tuning schedule shape in both arms):", ""]
+    for r in rows:
+        at_ft = next((h["metrics"]["mIoU"] for h in r["scratch_history"] if h["step"] == meta["ft_steps"]), None)
+        pre = r.get("pre_loss")
+        lines.append(
+            f"- fraction {r['fraction']:g}: contrastive pre-training loss {pre[0]:.2f} -> {pre[1]:.2f} (first -> last "
+            f"logged, {meta['pre_steps']} steps); " if pre else f"- fraction {r['fraction']:g}: ")
+        lines[-1] += (f"after {meta['ft_steps']} CE steps scratch had {at_ft:.4f}, the pre-trained arm ends at "
+                      f"{r['contrastive']:.4f}." if at_ft is not None else
+                      f"scratch ends at {r['scratch']:.4f}, the pre-trained arm at {r['contrastive']:.4f}.")
     lines += ["", "mIoU during fine-tuning (step: value):", ""]
     for r in rows:
         sc = ", ".join(f"{h['step']}: {h['metrics']['mIoU']:.3f}" for h in r["scratch_history"])
