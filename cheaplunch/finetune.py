@@ -116,7 +116,7 @@ def _pretrained_decoder(module_class: type, cfg: DictConfig, source: BackboneSou
     shape = {"decoder_channels": source.decoder_channels, "atrous_rates": source.decoder_rates}
     changed = []
     for key, value in shape.items():
-        if value is not None and OmegaConf.to_object(cfg.model).get(key) != value:
+        if value is not None and cfg.model.get(key) != value:
             _set(cfg, f"model.{key}", value)
             changed.append(f"model.{key}={value}")
     return ({"decoder_state": source.decoder, "decoder_source": f"decoder of {source.description}"},

@@ -79,6 +79,11 @@ def _torch_load(path: Path, what: str) -> Any:
         raise UserError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc})") from exc
 
 
+def _is_state_dict(obj: Any) -> bool:
+    """A non-empty mapping of names to tensors."""
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
 def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
@@ -132,7 +137,7 @@ def resolve_backbone(spec: str, arch: str | None = None, default_arch: str | Non
         state, info = read_backbone(path)
         decoder_path = path.with_name(DECODER_FILE)
         decoder = _torch_load(decoder_path, "decoder weights") if decoder_path.is_file() else None
-        if decoder is not None and not (isinstance(decoder, dict) and all(isinstance(v, torch.Tensor) for v in decoder.values())):
+        if decoder is not None and not _is_state_dict(decoder):
             raise UserError(f"{decoder_path}: not a state_dict of decoder weights")
         rates = (info.get("decoder") or {}).get("atrous_rates")
         return BackboneSource(arch or info["arch"], state, f"exported backbone {path} ({info['arch']})", info,
@@ -150,7 +155,7 @@ def resolve_backbone(spec: str, arch: str | None = None, default_arch: str | Non
             rates = list(obj["hyper_parameters"]["config"]["model"]["atrous_rates"])
         return BackboneSource(chosen, state, f"Lightning checkpoint {path} ({file_arch})", info, decoder=decoder,
                               decoder_rates=rates)
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if _is_state_dict(obj):
         if arch is None:
             raise UserError(f"{path}: a plain state_dict without backbone.json beside it; pass --arch NAME "
                             "to say which timm architecture it is")

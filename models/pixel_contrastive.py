@@ -191,6 +191,16 @@ def _subsample(labels_flat: torch.Tensor, max_pixels: int | None, sampling: str,
     return sample_pixels(labels_flat, max_pixels, sampling, ignore_index=ignore_index, generator=generator)
 
 
+def _two_views(feats: torch.Tensor, feats_distorted: torch.Tensor, labels: torch.Tensor, max_pixels: int | None,
+               sampling: str, ignore_index: int, generator: torch.Generator | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, N, C) features of I and I^ and (B, N) labels, flattened and, with ``max_pixels``, subsampled at
+    the same pixels in both views."""
+    f, fd, lab = _flatten(feats), _flatten(feats_distorted), labels.flatten(1)
+    idx = _subsample(lab, max_pixels, sampling, ignore_index, generator)
+    return _take(f, idx), _take(fd, idx), _take(lab, idx)
+
+
 def _two_view_loss(f: torch.Tensor, fd: torch.Tensor, lab: torch.Tensor, official: bool, *, temperature: float,
                    ignore_index: int, chunk_size: int | None) -> torch.Tensor:
     """One bag per row of (f, fd, lab) (an image, or the whole batch flattened into one row): the paper's
@@ -214,9 +224,7 @@ def within_image_loss(feats: torch.Tensor, feats_distorted: torch.Tensor, labels
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Within-image loss, averaged over images (see the module docstring)."""
     official = _check(formulation, feats, labels, feats_distorted)
-    f, fd, lab = _flatten(feats), _flatten(feats_distorted), labels.flatten(1)
-    idx = _subsample(lab, max_pixels, sampling, ignore_index, generator)
-    f, fd, lab = _take(f, idx), _take(fd, idx), _take(lab, idx)
+    f, fd, lab = _two_views(feats, feats_distorted, labels, max_pixels, sampling, ignore_index, generator)
     return _two_view_loss(f, fd, lab, official, temperature=temperature, ignore_index=ignore_index,
                           chunk_size=chunk_size)
 
@@ -253,9 +261,7 @@ def batch_loss(feats: torch.Tensor, feats_distorted: torch.Tensor, labels: torch
                generator: torch.Generator | None = None) -> torch.Tensor:
     """Batch loss: all pixels of the mini-batch as one bag (see the module docstring)."""
     official = _check(formulation, feats, labels, feats_distorted)
-    f, fd, lab = _flatten(feats), _flatten(feats_distorted), labels.flatten(1)
-    idx = _subsample(lab, max_pixels, sampling, ignore_index, generator)
-    f, fd, lab = _take(f, idx), _take(fd, idx), _take(lab, idx)
+    f, fd, lab = _two_views(feats, feats_distorted, labels, max_pixels, sampling, ignore_index, generator)
     f, fd, lab = f.reshape(1, -1, f.shape[-1]), fd.reshape(1, -1, fd.shape[-1]), lab.reshape(1, -1)
     return _two_view_loss(f, fd, lab, official, temperature=temperature, ignore_index=ignore_index,
                           chunk_size=chunk_size)
