@@ -8,6 +8,7 @@ import logging
 import netrc
 import os
 import secrets
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,6 @@ from cheaplunch import REPO_ROOT, slurm
 from cheaplunch.config import save_config, to_dict
 from cheaplunch.errors import UserError
 from lightning_modules.base import NonFiniteLossError, batch_size_of
-from models.export import state_mismatch
 
 log = logging.getLogger("cheaplunch")
 
@@ -161,30 +161,13 @@ def find_resume_checkpoint(run_dir: Path, resume: str) -> str | None:
     return resume
 
 
-def check_checkpoint_fits(module: L.LightningModule, path: Path, cfg: DictConfig) -> None:
-    """A UserError, before training starts, when the checkpoint to resume from holds another model than
-    `module` (e.g. the same --out re-run with another --arch or detector): the mismatched keys, the
-    model settings that differ, and the way out. Lightning would fail later with a long traceback."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # this run's own file
-    except Exception as exc:  # a truncated or corrupt file
-        raise UserError(f"{path}: cannot read the checkpoint to resume from ({type(exc).__name__}: {exc}); "
-                        "pass --resume never to start over, or another --out") from exc
-    own = module.state_dict()
-    # Parts a module builds later (in setup, or at the first ERF refresh) are not in `own` yet: compare
-    # the submodules that exist now, whole (an extra key under backbone.* is still a mismatch).
-    present = {k.split(".")[0] for k in own}
-    saved_state = {k: v for k, v in (ckpt.get("state_dict") or {}).items() if k.split(".")[0] in present}
-    problems = state_mismatch(own, saved_state)
-    if not problems:
-        return
-    saved = ((ckpt.get("hyper_parameters") or {}).get("config") or {}).get("model") or {}
-    now = to_dict(cfg).get("model") or {}
-    changed = [f"model.{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-               if saved.get(k) != now.get(k)]
-    raise UserError(f"{path}: cannot resume, the checkpoint holds another model ({problems})"
-                    + (f"; settings changed since it was written: {', '.join(changed[:6])}" if changed else "")
-                    + ". Pass --resume never to start over in this folder, or another --out")
+def check_checkpoint_readable(path: Path) -> None:
+    """A UserError naming the file when the checkpoint to resume from is not a whole torch checkpoint (a
+    truncated write, another file), before Lightning fails on it with a traceback. Reads only the zip
+    archive's end record; the model itself is checked in ``PretrainModule.on_load_checkpoint``."""
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: cannot read the checkpoint to resume from (not a complete torch checkpoint: "
+                        "truncated, or another file); pass --resume never to start over, or another --out")
 
 
 @rank_zero_only
@@ -206,7 +189,7 @@ def fit_in_run_dir(cfg: DictConfig, run_dir: Path, module: L.LightningModule, da
     trainer = build_trainer(cfg, run_dir, standard_callbacks(cfg, run_dir, export=export), pl_logger)
     ckpt = find_resume_checkpoint(run_dir, resume)
     if ckpt is not None:
-        check_checkpoint_fits(module, Path(ckpt), cfg)
+        check_checkpoint_readable(Path(ckpt))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     except NonFiniteLossError as exc:

@@ -15,8 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from timm.optim import create_optimizer_v2
 from torch import nn
 
+from cheaplunch.errors import UserError
 from models.backbones import create_backbone
-from models.export import export_backbone
+from models.export import export_backbone, state_mismatch
 
 
 class NonFiniteLossError(RuntimeError):
@@ -53,6 +54,22 @@ def peak_lr(cfg: DictConfig, world_size: int) -> float:
     return lr
 
 
+def resume_mismatch(own: dict[str, torch.Tensor], checkpoint: dict[str, Any], cfg: DictConfig | dict,
+                    path: str | Path | None) -> str:
+    """'' when the checkpoint's weights fit a model whose state_dict is `own`; else the error for resuming
+    from it: the mismatched keys, the model settings changed since it was written, and the way out."""
+    problems = state_mismatch(own, checkpoint.get("state_dict") or {})
+    if not problems:
+        return ""
+    saved = ((checkpoint.get("hyper_parameters") or {}).get("config") or {}).get("model") or {}
+    now = (OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg).get("model") or {}
+    changed = [f"model.{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+               if saved.get(k) != now.get(k)]
+    return (f"{path or 'checkpoint'}: cannot resume, the checkpoint holds another model ({problems})"
+            + (f"; settings changed since it was written: {', '.join(changed[:6])}" if changed else "")
+            + ". Pass --resume never to start over in this folder, or another --out")
+
+
 class PretrainModule(L.LightningModule):
     """Base for pre-training methods. Subclasses set `self.backbone` (a timm model) in __init__ or call
     `super().__init__(cfg)` which creates it from `cfg.model.arch`."""
@@ -87,6 +104,15 @@ class PretrainModule(L.LightningModule):
             self.to(memory_format=torch.channels_last)
         if self.cfg.runtime.compile:
             self.backbone.compile()  # in place: state_dict keys stay timm's
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming: Lightning calls this after ``configure_model`` (every head built) and before it loads
+        the weights, so a checkpoint of another model (the same --out re-run with another --arch, detector
+        or class count) becomes a one-line UserError instead of load_state_dict's traceback."""
+        message = resume_mismatch(self.state_dict(), checkpoint, self.cfg,
+                                  self._trainer.ckpt_path if self._trainer is not None else None)
+        if message:
+            raise UserError(message)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         losses = self.compute_losses(batch)

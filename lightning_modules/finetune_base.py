@@ -101,6 +101,7 @@ class FinetuneModule(PretrainModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the history: the checkpoint's, plus evaluations that ran after it was written at the
         same step (a step checkpoint is saved before that step's validation) from the run's history.json."""
+        super().on_load_checkpoint(checkpoint)
         step = int(checkpoint.get("global_step", 0))
         merged = {int(h["step"]): h for h in checkpoint.get("finetune_history", [])}
         path = self.history_file()

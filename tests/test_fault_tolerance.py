@@ -86,32 +86,34 @@ def test_non_finite_loss_stops_with_message_and_keeps_last_good_checkpoint(tiny_
 
 def test_resuming_another_model_is_a_clear_error_before_training(tmp_path):
     """The same --out re-run with another model: one UserError naming the file, the mismatched keys and the
-    changed settings (not Lightning's traceback mid-fit); parts a module builds later (top-level names it
-    does not have yet, e.g. the montage head and ERF buffers) do not count."""
+    changed settings (PretrainModule.on_load_checkpoint, before Lightning loads the weights); a file that
+    is not a whole checkpoint is caught before fit."""
     from omegaconf import OmegaConf
 
     from cheaplunch.errors import UserError
-    from cheaplunch.runner import check_checkpoint_fits
+    from cheaplunch.runner import check_checkpoint_readable
+    from lightning_modules.base import resume_mismatch
 
-    module = torch.nn.Module()
-    module.backbone = torch.nn.Linear(2, 3)
+    own = torch.nn.Linear(2, 3).state_dict()
     cfg = OmegaConf.create({"model": {"arch": "small", "num_classes": 3}})
-    ok = {"backbone.weight": torch.zeros(3, 2), "backbone.bias": torch.zeros(3), "head.weight": torch.zeros(5)}
     path = tmp_path / "last.ckpt"
-    torch.save({"state_dict": ok, "hyper_parameters": {"config": {"model": {"arch": "small"}}}}, path)
-    check_checkpoint_fits(module, path, cfg)  # head.* is built later: fine
+    same = {"state_dict": {"weight": torch.zeros(3, 2), "bias": torch.zeros(3)},
+            "hyper_parameters": {"config": {"model": {"arch": "small", "num_classes": 3}}}}
+    assert resume_mismatch(own, same, cfg, path) == ""
 
-    bigger = {**ok, "backbone.weight": torch.zeros(4, 2), "backbone.extra": torch.zeros(1)}
-    torch.save({"state_dict": bigger, "hyper_parameters": {"config": {"model": {"arch": "big", "num_classes": 3}}}},
-               path)
-    with pytest.raises(UserError) as err:
-        check_checkpoint_fits(module, path, cfg)
-    message = str(err.value)
+    bigger = {"state_dict": {"weight": torch.zeros(4, 2), "bias": torch.zeros(3), "extra": torch.zeros(1)},
+              "hyper_parameters": {"config": {"model": {"arch": "big", "num_classes": 3}}}}
+    message = resume_mismatch(own, bigger, cfg, path)
     assert message.startswith(f"{path}: cannot resume")
-    assert "unexpected (1): backbone.extra" in message and "backbone.weight (4, 2) vs (3, 2)" in message
+    assert "unexpected (1): extra" in message and "weight (4, 2) vs (3, 2)" in message
     assert "model.arch: 'big' -> 'small'" in message and "num_classes" not in message
     assert "--resume never" in message
 
+    torch.save(same, path)
+    check_checkpoint_readable(path)
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot read the checkpoint to resume from"):
-        check_checkpoint_fits(module, path, cfg)
+        check_checkpoint_readable(path)
+    path.write_bytes(b"")
+    with pytest.raises(UserError, match="cannot read the checkpoint to resume from"):
+        check_checkpoint_readable(path)
