@@ -195,4 +195,3 @@ def fit_in_run_dir(cfg: DictConfig, run_dir: Path, module: L.LightningModule, da
     except NonFiniteLossError as exc:
         raise UserError(str(exc)) from exc
     return trainer
-

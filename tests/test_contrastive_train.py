@@ -151,10 +151,10 @@ def test_train_py_then_finetune_py_segmentation(tmp_path, tiny_embedded):
     assert "train/loss_cross" in (run / "csv" / "metrics.csv").read_text()
 
     out = tmp_path / "ft"
-    proc = _cli("finetune.py", "--task", "segmentation", "--backbone", str(run), "--data", str(tiny_embedded), "--out",
-         str(out), "--logger", "csv", "--label-count", "6", "trainer.accelerator=cpu", "trainer.max_steps=1",
-         "trainer.val_check_interval=1", "data.base_size=32", "data.crop_size=32", "data.val_size=32",
-         "data.batch_size=4", "data.val_batch_size=4", "data.num_workers=0")
+    proc = _cli("finetune.py", "--task", "segmentation", "--backbone", str(run), "--data", str(tiny_embedded),
+                "--out", str(out), "--logger", "csv", "--label-count", "6", "trainer.accelerator=cpu",
+                "trainer.max_steps=1", "trainer.val_check_interval=1", "data.base_size=32", "data.crop_size=32",
+                "data.val_size=32", "data.batch_size=4", "data.val_batch_size=4", "data.num_workers=0")
     results = json.loads((out / "results.json").read_text())
     assert 0.0 <= results["mIoU"] <= 1.0
     ft = torch.load(out / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=True)["state_dict"]
