@@ -123,6 +123,7 @@ class Placement(NamedTuple):
 
     position: str
     index: int  # bank index
+    label: int  # the sample's class label (what the cell is trained to predict)
     group: str  # the group the sample came from
     scale: float
     flip: bool
@@ -257,7 +258,8 @@ class MontageAssembler:
             if flip:
                 cv2.flip(dst, 1, dst=dst)  # in place: the resize is mirror-symmetric, so this equals
                 # resizing the mirrored region
-        return Placement(pos, idx, src_group, scale, flip, (sw, sh), (ws, hs), (px, py, mw, mh), (nw, nh), (ox, oy))
+        return Placement(pos, idx, self._labels[idx], src_group, scale, flip, (sw, sh), (ws, hs), (px, py, mw, mh),
+                         (nw, nh), (ox, oy))
 
     def cell_box(self, p: Placement) -> list[int]:
         """[x, y, w, h] of the canvas covered by the sample's pixels."""
@@ -290,7 +292,7 @@ class MontageAssembler:
         return CellInfo(
             position=p.position,
             group=p.group,
-            label=self._labels[p.index],
+            label=p.label,
             category_id=None if cat < 0 else cat,
             image_id=self._image_ids[p.index],
             source_box=[bx, by, bw, bh],
@@ -368,7 +370,7 @@ class MontageDataset(Dataset):
         canvas, placements = asm.compose(np.random.default_rng([self.seed, self.rank, int(index)]), out)
         return MontageItem(
             image=torch.from_numpy(canvas),
-            labels=tuple(asm._labels[p.index] for p in placements),
+            labels=tuple(p.label for p in placements),
             cell_boxes=tuple(asm.cell_box(p) for p in placements),
             index=int(index),
         )
