@@ -6,12 +6,14 @@ loss term, stops on a non-finite loss with a clear message, and exports the back
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
+from timm.models._manipulate import group_with_matcher
 from timm.optim import create_optimizer_v2
 from torch import nn
 
@@ -129,6 +131,43 @@ class PretrainModule(L.LightningModule):
                      batch_size=bs, sync_dist=False)
         return loss
 
+    def group_matcher(self, coarse: bool = False) -> Callable[[str], tuple[float, ...]]:
+        """Layer ordinals for timm's layer-wise lr decay (``optim.layer_decay``).
+
+        timm groups a model's parameters with the model's own ``group_matcher``; a LightningModule has none,
+        so timm used to put every parameter in one group and layer decay did nothing. This gives the
+        backbone's parameters the ordinals timm defines for that architecture (ResNet: stem, then each
+        block; ConvNeXt: stem, then each block, a stage's downsample with its first block) and everything
+        outside the backbone (neck, heads, new classifiers) the top ordinal, i.e. lr scale 1."""
+        if not hasattr(self.backbone, "group_matcher"):
+            raise UserError(f"optim.layer_decay: the backbone {self.arch} has no timm group_matcher, so its layers "
+                            "have no depth order; set optim.layer_decay=null")
+        # The top-layer sentinel is matched by no regex, like timm's own unmatched parameters (a ConvNeXt's
+        # head norm), so those share the top layer with the task's neck and heads.
+        top = "<outside the backbone>"
+        names = [n for n, _ in self.backbone.named_parameters()] + [top]
+        layer_of = group_with_matcher(((n, None) for n in names), self.backbone.group_matcher(coarse=coarse),
+                                      reverse=True)
+
+        def ordinal(name: str) -> tuple[float, ...]:
+            inner = name.removeprefix("backbone.")
+            return (float(layer_of[inner if inner != name and inner in layer_of else top]),)
+
+        return ordinal
+
+    def check_layer_decay(self) -> float | None:
+        """``optim.layer_decay`` as a number, or None when off; a setting that cannot act is an error."""
+        decay = self.cfg.optim.get("layer_decay")
+        if decay is None:
+            return None
+        decay = float(decay)
+        if not 0.0 < decay <= 1.0:
+            raise UserError(f"optim.layer_decay={decay}: must be in (0, 1] (or null for no layer-wise lr decay)")
+        if not any(p.requires_grad for p in self.backbone.parameters()):
+            raise UserError("optim.layer_decay has no effect when the backbone is frozen (model.freeze_backbone=true): "
+                            "only the head trains, at one lr; set optim.layer_decay=null")
+        return decay
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
         world = self.trainer.world_size if self._trainer is not None else 1
@@ -141,7 +180,7 @@ class PretrainModule(L.LightningModule):
             kwargs["betas"] = tuple(o.betas)
         return create_optimizer_v2(
             self, opt=name, lr=self.peak_lr, weight_decay=float(o.weight_decay),
-            filter_bias_and_bn=bool(o.no_decay_bias_norm), layer_decay=o.get("layer_decay"), **kwargs,
+            filter_bias_and_bn=bool(o.no_decay_bias_norm), layer_decay=self.check_layer_decay(), **kwargs,
         )
 
     def images_due(self) -> bool:
