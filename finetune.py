@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  python finetune.py --task detection --detector retinanet --backbone runs/montage/backbone.pt\n"
             "  python finetune.py --task segmentation --backbone scratch --arch resnet18 --label-fraction 0.1\n"
-            "  python finetune.py --task classification --backbone runs/montage model.freeze_backbone=false\n"
+            "  python finetune.py --task classification --backbone runs/montage model.freeze_backbone=true  # linear probe\n"
             "  python finetune.py --eval-only --checkpoint runs/finetune_detection/checkpoints/final.ckpt\n\n"
             "The run folder (--out) gets config.yaml, checkpoints/, results.json (final metrics), history.json\n"
             "(metrics at every evaluation) and images/. Any config key can be overridden as key=value."

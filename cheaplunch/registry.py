@@ -86,7 +86,7 @@ register(TASKS, Entry(
 ))
 register(TASKS, Entry(
     "classification",
-    "linear probe or full fine-tuning on object crops / an ImageFolder; top-1 / top-5",
+    "full fine-tuning (ConvNeXt V2 recipe switches) or linear probe on object crops / an ImageFolder; top-1 / top-5",
     "lightning_modules.classification:ClassificationModule",
     "datamodules.classification:ClassificationDataModule",
     "finetune_classification.yaml",

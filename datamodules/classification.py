@@ -10,11 +10,16 @@ Two sources, both decoded ONCE into an in-memory uint8 tensor (N, 3, S, S) with 
   ``data.min_box_size`` pixels are skipped. Train crops come from the train split, val crops from val.
 
 Training augmentation is applied per batch with tensor ops (`random_resized_flip`): a random-resized
-crop (area scale ``data.crop_scale``) and horizontal flip through one ``affine_grid`` / ``grid_sample``.
+crop (area scale ``data.crop_scale``) and horizontal flip through one ``affine_grid`` / ``grid_sample``;
+then, when ``data.rand_augment`` names a timm RandAugment policy (e.g. ``rand-m9-mstd0.5-inc1``, ConvNeXt
+V2 fine-tuning), timm's ``rand_augment_transform`` on each image (PIL), in timm's order (crop, flip,
+RandAugment). Mixup / CutMix and random erasing act on the batch in the LightningModule.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +28,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, rand_augment_transform
 from torch.utils.data import DataLoader, Dataset
 
-from cheaplunch.errors import DataError
+from cheaplunch.errors import DataError, UserError
 from datamodules.finetune_common import loader_kwargs, subset_from_config, val_loader
 from datamodules.layout import resolve_dataset
 from datamodules.readers import IMAGE_SUFFIXES, image_folder, load_coco, read_image
@@ -139,11 +146,35 @@ class CachedImages(Dataset):
         return int(i)  # the collate function gathers the batch with one indexing op
 
 
+def rand_augment(policy: str, image_size: int) -> Callable[[Image.Image], Image.Image]:
+    """timm's RandAugment for `policy` (e.g. ``rand-m9-mstd0.5-inc1``), with timm's fill colour and the
+    translation range set for `image_size` as ``timm.data.create_transform`` does."""
+    hparams = {"translate_const": int(image_size * 0.45), "img_mean": tuple(round(255 * x) for x in IMAGENET_DEFAULT_MEAN)}
+    problem = f"data.rand_augment='{policy}' is not a timm RandAugment policy (e.g. rand-m9-mstd0.5-inc1)"
+    sections = policy.split("-")
+    # timm skips a section without a number silently; here it is an error, like any setting that cannot act
+    if sections[0] != "rand" or any(not re.fullmatch(r"[a-z]+\d.*", c) for c in sections[1:]):
+        raise UserError(problem)
+    try:
+        return rand_augment_transform(policy, hparams)
+    except (AssertionError, ValueError, KeyError, IndexError) as exc:
+        raise UserError(f"{problem}: {exc or 'unknown section'}") from exc
+
+
+def apply_per_image(transform: Callable[[Image.Image], Image.Image], images: torch.Tensor) -> torch.Tensor:
+    """A PIL transform on each image of a float (B, 3, S, S) batch in [0, 1]; returns the same layout."""
+    pixels = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    out = np.stack([np.asarray(transform(Image.fromarray(p))) for p in pixels])
+    return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255)
+
+
 class _Collate:
     """Gathers a batch from the cache by index (one tensor op) and, for training, augments it."""
 
-    def __init__(self, dataset: CachedImages, train: bool, crop_scale: tuple[float, float], flip_p: float) -> None:
+    def __init__(self, dataset: CachedImages, train: bool, crop_scale: tuple[float, float], flip_p: float,
+                 per_image: Callable[[Image.Image], Image.Image] | None = None) -> None:
         self.dataset, self.train, self.crop_scale, self.flip_p = dataset, train, crop_scale, flip_p
+        self.per_image = per_image
 
     def __call__(self, index: list[int]) -> ClassificationBatch:
         idx = torch.as_tensor(index, dtype=torch.long)
@@ -151,6 +182,8 @@ class _Collate:
         images = self.dataset.cache.images[rows]
         if self.train:
             images = random_resized_flip(images, self.crop_scale, self.flip_p)
+            if self.per_image is not None:
+                images = apply_per_image(self.per_image, images)
         return ClassificationBatch(images, self.dataset.cache.labels[rows], idx)
 
 
@@ -161,6 +194,8 @@ class ClassificationDataModule(L.LightningDataModule):
         self._cache: dict[str, ImageCache] = {}
         self.train_set: CachedImages | None = None
         self.val_set: CachedImages | None = None
+        policy = cfg.data.get("rand_augment")  # built now, so a bad policy is an error before any data is read
+        self.rand_augment = rand_augment(str(policy), int(cfg.data.image_size)) if policy else None
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> ClassificationDataModule:
@@ -200,7 +235,7 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         d = self.cfg.data
-        collate = _Collate(self.train_set, True, tuple(d.crop_scale), float(d.flip_p))
+        collate = _Collate(self.train_set, True, tuple(d.crop_scale), float(d.flip_p), self.rand_augment)
         bs = int(d.batch_size)
         return DataLoader(self.train_set, batch_size=bs, shuffle=True, drop_last=len(self.train_set) > bs,
                           collate_fn=collate, **loader_kwargs(self.cfg))
