@@ -46,6 +46,7 @@ class DetectionModule(FinetuneModule):
             rpn_pre_nms_top_n_train=int(m.rpn_pre_nms_top_n_train), rpn_post_nms_top_n_train=int(m.rpn_post_nms_top_n_train),
             rpn_pre_nms_top_n_test=int(m.rpn_pre_nms_top_n_test), rpn_post_nms_top_n_test=int(m.rpn_post_nms_top_n_test),
             box_batch_size_per_image=int(m.box_batch_size_per_image),
+            head_norm=str(m.head_norm), gn_groups=int(m.gn_groups),
         )
         self.offset = label_offset(self.kind)
         self.with_masks = self.kind == "mask_rcnn"

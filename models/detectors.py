@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -34,6 +37,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from cheaplunch.errors import UserError
 
 DETECTORS = ("retinanet", "faster_rcnn", "mask_rcnn")
+HEAD_NORMS = ("none", "gn")  # norm layers of the FPN and heads (see build_detector)
 NORMS = ("frozen_bn", "bn", "syncbn", "gn")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -132,7 +136,7 @@ class TimmFeaturePyramid(nn.Module):
     detectors require; returns an OrderedDict '0', '1', ... (+ 'pool' or 'p6', 'p7')."""
 
     def __init__(self, body: nn.Module, indices: Sequence[int], out_channels: int = 256,
-                 extra: str = "pool") -> None:
+                 extra: str = "pool", norm_layer: Callable[[int], nn.Module] | None = None) -> None:
         super().__init__()
         if not hasattr(body, "forward_intermediates"):
             raise UserError(f"timm model {type(body).__name__} has no forward_intermediates(); "
@@ -141,7 +145,7 @@ class TimmFeaturePyramid(nn.Module):
         self.indices = list(indices)
         in_channels = [int(body.feature_info[i]["num_chs"]) for i in self.indices]
         extra_block = LastLevelMaxPool() if extra == "pool" else LastLevelP6P7(out_channels, out_channels)
-        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=extra_block)
+        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=extra_block, norm_layer=norm_layer)
         self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
@@ -175,23 +179,37 @@ def build_detector(
     rpn_pre_nms_top_n_test: int = 1000,
     rpn_post_nms_top_n_test: int = 1000,
     box_batch_size_per_image: int = 512,
+    head_norm: str = "none",
+    gn_groups: int = 32,
 ) -> nn.Module:
     """torchvision RetinaNet / Faster R-CNN / Mask R-CNN over an FPN on the timm `backbone`.
 
     `num_classes` counts object classes only. RetinaNet (sigmoid classifier) predicts labels
     0..num_classes-1; the R-CNNs reserve label 0 for background, so their labels are shifted by one
-    (see `label_offset`)."""
+    (see `label_offset`).
+
+    `head_norm="gn"`: GroupNorm in the FPN and every head, the recipe for training detectors from scratch
+    (He et al., "Rethinking ImageNet Pre-training", ICCV 2019: GN in the FPN and heads, the R-CNN box head
+    as 4 convs + 1 fc); the heads are torchvision's own with a norm layer, as in its "v2" detectors."""
     if kind not in DETECTORS:
         raise UserError(f"--detector must be one of {', '.join(DETECTORS)}, got '{kind}'")
+    if head_norm not in HEAD_NORMS:
+        raise UserError(f"model.head_norm must be one of {', '.join(HEAD_NORMS)}, got '{head_norm}'")
+    if head_norm == "gn" and fpn_channels % gn_groups:
+        raise UserError(f"model.head_norm=gn: model.fpn_channels={fpn_channels} is not divisible by "
+                        f"model.gn_groups={gn_groups}")
+    norm = (lambda channels: nn.GroupNorm(gn_groups, channels)) if head_norm == "gn" else None
     extra = "p6p7" if kind == "retinanet" else "pool"
-    neck = TimmFeaturePyramid(backbone, feature_indices(backbone, FPN_STRIDES[kind]), fpn_channels, extra)
+    neck = TimmFeaturePyramid(backbone, feature_indices(backbone, FPN_STRIDES[kind]), fpn_channels, extra, norm)
     levels = len(FPN_STRIDES[kind]) + (2 if extra == "p6p7" else 1)
     if len(anchor_sizes) != levels:
         raise UserError(f"model.anchor_sizes needs {levels} sizes for {kind} (one per FPN level), got {list(anchor_sizes)}")
     sizes = tuple(int(s) for s in min_size) if isinstance(min_size, Sequence) else (int(min_size),)
     common = dict(min_size=sizes, max_size=int(max_size), image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
     if kind == "retinanet":
-        return RetinaNet(neck, num_classes, anchor_generator=anchor_generator(anchor_sizes, True),
+        anchors = anchor_generator(anchor_sizes, True)
+        head = RetinaNetHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes, norm_layer=norm)
+        return RetinaNet(neck, num_classes, anchor_generator=anchors, head=head,
                          detections_per_img=detections_per_img, score_thresh=score_thresh, **common)
     names = [str(i) for i in range(len(FPN_STRIDES[kind]))]
     rcnn = dict(
@@ -202,6 +220,10 @@ def build_detector(
         rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test, rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
         box_batch_size_per_image=box_batch_size_per_image,
     )
+    if norm is not None:  # He et al. 2019: "4conv1fc" box head with GN
+        rcnn["box_head"] = FastRCNNConvFCHead((fpn_channels, 7, 7), [fpn_channels] * 4, [1024], norm_layer=norm)
+    if kind == "mask_rcnn" and norm is not None:
+        rcnn["mask_head"] = MaskRCNNHeads(fpn_channels, [256] * 4, 1, norm_layer=norm)
     if kind == "faster_rcnn":
         return FasterRCNN(neck, num_classes + 1, **rcnn, **common)
     return MaskRCNN(neck, num_classes + 1, mask_roi_pool=MultiScaleRoIAlign(names, 14, 2), **rcnn, **common)

@@ -114,3 +114,35 @@ def test_ddp_evaluation_equals_single_process(tiny_embedded, tmp_path):
     single = run_finetune(None, eval_only=True, checkpoint=str(out / "checkpoints" / "final.ckpt"), logger="none",
                           devices=1, overrides=["data.num_workers=0", "trainer.strategy=auto"])
     assert single.results["bbox"] == pytest.approx(ddp["bbox"], abs=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["retinanet", "faster_rcnn", "mask_rcnn"])
+def test_head_norm_gn_puts_group_norm_in_fpn_and_heads(kind):
+    from torch import nn
+
+    from models.backbones import create_backbone
+    from models.detectors import build_detector
+
+    torch.manual_seed(0)
+    sizes = [16, 32, 64, 128, 256]
+    det = build_detector(kind, create_backbone("resnet18"), 3, min_size=64, max_size=64, anchor_sizes=sizes,
+                         fpn_channels=64, head_norm="gn", gn_groups=16)
+    fpn_norms = [m for m in det.backbone.fpn.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(fpn_norms) == 2 * (3 if kind == "retinanet" else 4)  # inner (1x1) + layer (3x3) blocks
+    heads = det.head if kind == "retinanet" else det.roi_heads
+    head_norms = [m for m in heads.modules() if isinstance(m, nn.GroupNorm)]
+    expected = {"retinanet": 8, "faster_rcnn": 4, "mask_rcnn": 8}[kind]  # 4 per conv tower
+    assert len(head_norms) == expected and all(m.num_groups == 16 for m in head_norms)
+    det.train()
+    images = [torch.rand(3, 64, 64)]
+    target = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 48.0]]), "labels": torch.tensor([1])}
+    if kind == "mask_rcnn":
+        mask = torch.zeros(1, 64, 64, dtype=torch.uint8)
+        mask[0, 8:48, 8:40] = 1
+        target["masks"] = mask
+    losses = det(images, [target])
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    plain = build_detector(kind, create_backbone("resnet18"), 3, min_size=64, max_size=64, anchor_sizes=sizes,
+                           fpn_channels=64)
+    assert not any(isinstance(m, nn.GroupNorm) for m in plain.modules())
