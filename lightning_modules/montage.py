@@ -73,7 +73,7 @@ class MontageModule(PretrainModule):
         if self.objective != "erf_dense":
             return []
         return [ERFRefresh(every_n_steps=int(erf.refresh_every), num_montages=int(erf.num_montages),
-                           tau=float(self.cfg.model.tau), chunk_size=erf.chunk_size)]
+                           tau=float(self.cfg.model.tau), chunk_size=erf.chunk_size, bn_mode=erf.bn_mode)]
 
     # ---- training -----------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:

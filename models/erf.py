@@ -4,10 +4,24 @@ Montage pre-training (Zhou et al., ECCV 2020, Sec. 3.3).
 G[j, k] = |d sum_c X[b, c, j, k] / d image_b|, summed over RGB and averaged over the images: an (H, W)
 map per feature position (j, k). The absolute value is taken per image, before averaging.
 
-Every method here runs ONE forward pass and relies on the images being independent in eval mode
-(BatchNorm uses running statistics): the gradient of sum_b S[b, j, k] w.r.t. the batch holds image b's
-own gradient in slot b, so one backward pass serves all images exactly. What differs is how the h*w
-backward passes (one per feature position) are run:
+BatchNorm statistics (``bn_mode``). The images of a batch must be independent for the ERF to be a
+per-image quantity, and a train-mode BatchNorm couples them through the batch statistics. Two exact,
+per-image definitions are offered; in both the model runs in eval mode (dropout and drop-path off):
+
+- "eval" (default): BatchNorm normalises with its running statistics, as the network is evaluated and
+  fine-tuned (frozen BN in the detector). The ERF of a montage depends on that montage only.
+- "train": every BatchNorm layer normalises with the per-channel mean and biased variance of its input
+  over the ERF batch -- what a train-mode forward of that batch computes -- and these statistics are
+  held as constants for the derivative. The derivative through the statistics is left out on purpose:
+  it is not a spatial receptive field but a coupling of every pixel of every image of the batch
+  (a share of 1 / (B * h_l * w_l) per pixel and layer) that depends on which images happen to share the
+  batch; without it the images stay independent, the ERF is the mean of per-image ERFs under those
+  statistics, and the cost is that of "eval" plus one no-grad forward. The running statistics are
+  restored afterwards (running_mean / running_var / num_batches_tracked are unchanged).
+
+Every method then runs ONE forward pass with independent images: the gradient of sum_b S[b, j, k]
+w.r.t. the batch holds image b's own gradient in slot b, so one backward pass serves all images
+exactly. What differs is how the h*w backward passes (one per feature position) are run:
 
 - "loop": one ``autograd.grad`` per position over the retained graph (= ``compute_erf_bruteforce``).
 - "vmap": ``autograd.grad(..., is_grads_batched=True)`` over chunks of one-hot output gradients. Exact
@@ -36,6 +50,7 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = [
     "compute_erf",
@@ -47,6 +62,8 @@ __all__ = [
 
 ErfMethod = Literal["auto", "loop", "vmap", "func"]
 METHODS: tuple[str, ...] = ("auto", "loop", "vmap", "func")
+BatchNormMode = Literal["eval", "train"]
+BN_MODES: tuple[str, ...] = ("eval", "train")
 
 
 @contextmanager
@@ -60,6 +77,52 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, was_training in modes:
             m.training = was_training
+
+
+@contextmanager
+def _batch_statistics(model: nn.Module, images: Tensor) -> Iterator[None]:
+    """Within the block, every BatchNorm layer of ``model`` (already in eval mode) normalises with the
+    per-channel mean and biased variance of its input on ``images``, held as constants (bn_mode "train",
+    see the module docstring). They are found by one no-grad forward in which a pre-hook writes each
+    layer's batch statistics into its running buffers just before it runs, so every layer sees inputs
+    normalised upstream with batch statistics, as in a train-mode forward. The buffers are restored
+    on exit. Layers without running statistics (``track_running_stats=False``) use batch statistics
+    anyway, with the derivative through them: such models are not supported exactly."""
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.running_mean is not None]
+    saved = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
+
+    def use_batch_statistics(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        x = args[0].detach().float()
+        dims = [d for d in range(x.dim()) if d != 1]
+        module.running_mean.copy_(x.mean(dim=dims))
+        module.running_var.copy_(x.var(dim=dims, unbiased=False))
+
+    try:
+        handles = [m.register_forward_pre_hook(use_batch_statistics) for m in norms]
+        try:
+            with torch.no_grad():
+                _feature_map(model, images)
+        finally:
+            for handle in handles:
+                handle.remove()
+        yield
+    finally:
+        for m, (mean, var) in zip(norms, saved):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+
+
+@contextmanager
+def _erf_context(model: nn.Module, images: Tensor, bn_mode: str) -> Iterator[None]:
+    """Eval mode (restored afterwards), autograd on, and BatchNorm statistics chosen by ``bn_mode``."""
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"unknown BatchNorm mode {bn_mode!r}: use one of {BN_MODES}")
+    with _eval_mode(model), torch.enable_grad():
+        if bn_mode == "train":
+            with _batch_statistics(model, images):
+                yield
+        else:
+            yield
 
 
 def _feature_map(model: nn.Module, images: Tensor) -> Tensor:
@@ -103,6 +166,7 @@ def compute_erf(
     *,
     chunk_size: int | None = None,
     method: ErfMethod = "auto",
+    bn_mode: BatchNormMode = "eval",
 ) -> Tensor:
     """Exact ERF of every feature position: a tensor (h, w, H, W) on ``images.device``, float32.
 
@@ -111,12 +175,14 @@ def compute_erf(
     ``chunk_size`` caps how many positions share one batched backward pass for "vmap"/"func" (memory
     grows linearly with it; None = all h*w at once); the loop needs one position's memory only.
     ``method``: see the module docstring; "auto" = "func" on CUDA, "loop" elsewhere.
+    ``bn_mode``: BatchNorm with its running statistics ("eval") or with the statistics of ``images``
+    held constant ("train"); see the module docstring. The running statistics are left unchanged.
     """
     _check_images(images)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
     concrete = resolve_method(method, images.device)
-    with _eval_mode(model), torch.enable_grad():
+    with _erf_context(model, images, bn_mode):
         if concrete == "loop":
             return _erf_loop(model, images)
         try:
@@ -182,11 +248,11 @@ def _erf_loop(model: nn.Module, images: Tensor) -> Tensor:
     return out
 
 
-def compute_erf_bruteforce(model: nn.Module, images: Tensor) -> Tensor:
-    """Reference ERF (h, w, H, W): the plain per-position ``autograd.grad`` loop, whatever the device.
-    Same conventions as ``compute_erf``; for tests and the benchmark."""
+def compute_erf_bruteforce(model: nn.Module, images: Tensor, *, bn_mode: BatchNormMode = "eval") -> Tensor:
+    """The plain per-position ``autograd.grad`` loop (h, w, H, W), whatever the device. Same conventions
+    as ``compute_erf``; for the benchmark (the tests check it against their own reference)."""
     _check_images(images)
-    with _eval_mode(model), torch.enable_grad():
+    with _erf_context(model, images, bn_mode):
         return _erf_loop(model, images)
 
 

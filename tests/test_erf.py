@@ -1,7 +1,10 @@
-"""ERF computation against a per-position loop and a hand-derivable net; ERF-adaptive weights by hand."""
+"""ERF computation against references written in the tests (tests/erf_reference.py: per image and
+per position on a fresh graph; an all-ones conv stack counted by hand with numpy), the BatchNorm mode
+switch, and the ERF-adaptive weights against the paper's formula written plainly."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -18,9 +21,23 @@ from models.erf import (
     soft_label_weights,
 )
 from models.layout import MontageLayout
+from tests.erf_reference import literal_soft_label_weights, reference_erf, with_batch_statistics
+
+# every way models/erf.py computes an ERF: compute_erf's methods and the brute-force loop
+ERF_METHODS = ["loop", "vmap", "func", "auto", "bruteforce"]
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-6) -> bool:
+def _erf(net: nn.Module, images: torch.Tensor, method: str, **kwargs: Any) -> torch.Tensor:
+    """The ERF from models/erf.py by ``method`` (one of ERF_METHODS)."""
+    if method == "bruteforce":
+        kwargs.pop("chunk_size", None)
+        return compute_erf_bruteforce(net, images, **kwargs)
+    return compute_erf(net, images, method=method, **kwargs)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
+    """Same shape and max |a - b| within ``rel`` of max |b|."""
+    b = b.to(a.dtype)
     return a.shape == b.shape and bool((a - b).abs().max() <= rel * b.abs().max().clamp_min(1e-12))
 
 
@@ -46,56 +63,65 @@ def _small_cnn() -> nn.Module:
     return net
 
 
-def test_ones_conv_by_hand() -> None:
-    """One 3x3 conv, all-ones kernel, stride 2, padding 1, C=4 outputs: d sum_c X[j,k] / d x[rgb,y,x] = C
-    on the (clipped) window rows 2j-1..2j+1, cols 2k-1..2k+1; summed over RGB -> 3C there, 0 elsewhere."""
-    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=True)
-    nn.init.ones_(conv.weight)
-    nn.init.normal_(conv.bias)
-    images = torch.randn(2, 3, 9, 11)
-    erf = compute_erf(conv, images)
-    h, w = 5, 6
-    expected = torch.zeros(h, w, 9, 11)
-    for j in range(h):
-        for k in range(w):
-            expected[j, k, max(2 * j - 1, 0) : 2 * j + 2, max(2 * k - 1, 0) : 2 * k + 2] = 3 * 4
-    assert torch.equal(erf, expected)
+@pytest.fixture(scope="module")
+def small_cnn_case() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The small CNN, 3 images and their reference ERF (computed once for all methods)."""
+    net = _small_cnn()
+    images = torch.randn(3, 3, 32, 28, generator=torch.Generator().manual_seed(1))
+    return net, images, reference_erf(net, images)
+
+
+# ---------------------------------------------------------------- ERF against the references
+
+
+def _box3_same(a: np.ndarray) -> np.ndarray:
+    """3x3 box sum of a 2-D array, zero outside (a 'same' convolution with an all-ones kernel)."""
+    padded = np.pad(a, 1)
+    return sum(padded[dy : dy + a.shape[0], dx : dx + a.shape[1]] for dy in range(3) for dx in range(3))
+
+
+@pytest.mark.parametrize("method", ERF_METHODS)
+def test_all_ones_conv_stack_by_hand(method: str) -> None:
+    """Two all-ones 3x3 convs, no nonlinearity: conv1 3->2 channels (stride 1, padding 1), conv2 2->4
+    (stride 2, padding 1). d sum_c X[j, k] / d x[rgb, y, x] = 4 * 2 * (number of conv1 outputs p inside
+    the image with |p - (2j, 2k)|_inf <= 1 and |(y, x) - p|_inf <= 1), i.e. a 3x3 box of the (clipped)
+    3x3 box around (2j, 2k); summed over RGB: 3 * 8 * count. Interior: outer([1,2,3,2,1], [1,2,3,2,1])."""
+    net = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1, bias=False), nn.Conv2d(2, 4, 3, stride=2, padding=1))
+    nn.init.ones_(net[0].weight)
+    nn.init.ones_(net[1].weight)
+    nn.init.normal_(net[1].bias)
+    big_h, big_w = 11, 13
+    fh, fw = 6, 7
+    expected = np.zeros((fh, fw, big_h, big_w))
+    for j in range(fh):
+        for k in range(fw):
+            conv1_window = np.zeros((big_h, big_w))
+            conv1_window[max(2 * j - 1, 0) : 2 * j + 2, max(2 * k - 1, 0) : 2 * k + 2] = 1
+            expected[j, k] = 3 * 8 * _box3_same(conv1_window)
+    binomial = np.array([1, 2, 3, 2, 1])
+    np.testing.assert_array_equal(expected[2, 3, 2:7, 4:9], 24 * np.outer(binomial, binomial))  # (4, 6) +- 2
+    assert expected[2, 3].sum() == 24 * 81
+    images = torch.randn(2, 3, big_h, big_w)
+    erf = _erf(net, images, method, chunk_size=5)
+    assert torch.equal(erf, torch.from_numpy(expected).float())
+    assert torch.equal(reference_erf(net, images), torch.from_numpy(expected))  # the reference agrees
 
 
 @pytest.mark.parametrize("chunk_size", [None, 1, 7])
-@pytest.mark.parametrize("method", ["vmap", "func", "loop", "auto"])
-def test_small_cnn_matches_bruteforce(chunk_size: int | None, method: str) -> None:
-    net = _small_cnn()
-    images = torch.randn(3, 3, 32, 28)
-    ref = compute_erf_bruteforce(net, images)
+@pytest.mark.parametrize("method", ERF_METHODS)
+def test_small_cnn_matches_reference(
+    small_cnn_case: tuple[nn.Module, torch.Tensor, torch.Tensor], chunk_size: int | None, method: str
+) -> None:
+    """Max-pool, strided convs and BatchNorm (running statistics): every method equals the per-image,
+    per-position reference; the ERF of a batch is the mean of the single images' ERFs."""
+    net, images, ref = small_cnn_case
     assert ref.shape == (4, 4, 32, 28)
-    assert _close(compute_erf(net, images, chunk_size=chunk_size, method=method), ref)
+    assert _close(_erf(net, images, method, chunk_size=chunk_size), ref)
 
 
-def test_batch_equals_mean_of_single_images() -> None:
-    """Independent of the sum-over-batch trick: the ERF of a batch is the mean of per-image ERFs."""
-    net = _small_cnn()
-    images = torch.randn(3, 3, 32, 32)
-    per_image = torch.stack([compute_erf_bruteforce(net, images[i : i + 1]) for i in range(3)]).mean(0)
-    assert _close(compute_erf(net, images), per_image)
-
-
-def test_abs_taken_per_image() -> None:
-    """For x * x the gradient 2x flips sign with the image: a batch [x, -x] would cancel to zero if signed
-    gradients were averaged; with |.| per image it equals the ERF of x alone."""
-
-    class Square(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return nn.functional.avg_pool2d(x * x, 2)
-
-    x = torch.rand(1, 3, 4, 4) + 0.1
-    erf = compute_erf(Square(), torch.cat([x, -x]))
-    assert _close(erf, compute_erf(Square(), x))
-    assert erf.sum() > 0
-
-
+@pytest.mark.parametrize("method", ERF_METHODS)
 @pytest.mark.parametrize("features_only", [False, True])
-def test_timm_resnet18_matches_bruteforce(features_only: bool) -> None:
+def test_timm_resnet18_matches_reference(features_only: bool, method: str) -> None:
     torch.manual_seed(0)
     if features_only:
         net = timm.create_model("resnet18", pretrained=False, features_only=True, out_indices=(3, 4))
@@ -106,13 +132,32 @@ def test_timm_resnet18_matches_bruteforce(features_only: bool) -> None:
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
     images = torch.randn(2, 3, 64, 64)
-    ref = compute_erf_bruteforce(net, images)
+    ref = reference_erf(net, images)
     assert ref.shape == (2, 2, 64, 64)
-    assert _close(compute_erf(net, images, method="vmap", chunk_size=3), ref)
-    assert _close(compute_erf(net, images, method="func"), ref)
+    assert _close(_erf(net, images, method, chunk_size=3), ref)
 
 
-def test_mode_restored_and_no_param_grads() -> None:
+def test_abs_taken_per_image() -> None:
+    """For x * x the gradient 2x flips sign with the image: a batch [x, -x] would cancel to zero if signed
+    gradients were averaged; with |.| per image it equals the ERF of x alone, 2|x| pooled (2x2 mean)."""
+
+    class Square(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.avg_pool2d(x * x, 2)
+
+    x = torch.rand(1, 3, 4, 4) + 0.1
+    erf = compute_erf(Square(), torch.cat([x, -x]))
+    expected = torch.zeros(2, 2, 4, 4)
+    for j in range(2):
+        for k in range(2):
+            window = (slice(2 * j, 2 * j + 2), slice(2 * k, 2 * k + 2))
+            expected[j, k][window] = (2 * x[0].abs() / 4).sum(0)[window]
+    assert _close(erf, expected)
+    assert _close(erf, reference_erf(Square(), torch.cat([x, -x])))
+
+
+@pytest.mark.parametrize("bn_mode", ["eval", "train"])
+def test_mode_restored_and_no_param_grads(bn_mode: str) -> None:
     net = _small_cnn()
     net.train()
     net[1].eval()  # a frozen BN inside a training model must stay frozen, the rest training
@@ -120,24 +165,59 @@ def test_mode_restored_and_no_param_grads() -> None:
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():  # works from a no_grad context (e.g. a validation hook)
         for method in ("vmap", "func", "loop"):
-            compute_erf(net, images, method=method)
-        compute_erf_bruteforce(net, images)
+            compute_erf(net, images, method=method, bn_mode=bn_mode)
+        compute_erf_bruteforce(net, images, bn_mode=bn_mode)
     assert [m.training for m in net.modules()] == modes
     assert all(p.grad is None for p in net.parameters())
     # existing grads (mid-step) are left untouched
     for p in net.parameters():
         p.grad = torch.ones_like(p)
-    compute_erf(net, images, chunk_size=2)
+    compute_erf(net, images, chunk_size=2, bn_mode=bn_mode)
     assert all(torch.equal(p.grad, torch.ones_like(p)) for p in net.parameters())
 
 
-def test_eval_mode_is_used() -> None:
-    """In train mode BatchNorm would mix the images; the result must equal the pure eval-mode ERF."""
+def test_eval_mode_uses_running_statistics() -> None:
+    """bn_mode "eval" (the default), whatever mode the model is in: BatchNorm with its running
+    statistics, i.e. the reference ERF of the eval-mode network, and the model's mode is kept."""
     net = _small_cnn()
     images = torch.randn(4, 3, 16, 16)
-    ref = compute_erf_bruteforce(net.eval(), images)
+    ref = reference_erf(net, images)  # runs an eval-mode copy
     assert _close(compute_erf(net.train(), images), ref)
+    assert _close(compute_erf(net, images, bn_mode="eval"), ref)
     assert net.training
+
+
+@pytest.mark.parametrize("method", ERF_METHODS)
+def test_train_mode_uses_the_erf_batch_statistics(method: str) -> None:
+    """bn_mode "train": BatchNorm normalises with the statistics of the ERF batch (as a train-mode
+    forward of that batch does), held constant: the reference ERF of a copy whose running statistics
+    are those batch statistics. That differs from the eval-mode ERF, and the running statistics (and
+    the BatchNorm's counter) are unchanged afterwards."""
+    net = _small_cnn()
+    net.train()
+    images = torch.randn(4, 3, 24, 24, generator=torch.Generator().manual_seed(2))
+    batch_stats_net = with_batch_statistics(net, images)
+    with torch.no_grad():  # the copy reproduces the train-mode forward of this batch
+        torch.testing.assert_close(batch_stats_net(images), copy.deepcopy(net).train()(images), rtol=1e-4,
+                                   atol=1e-5)
+    buffers = {k: v.clone() for k, v in net.state_dict().items() if "running" in k or "num_batches" in k}
+    assert len(buffers) == 6
+
+    erf = _erf(net, images, method, chunk_size=4, bn_mode="train")
+
+    assert _close(erf, reference_erf(batch_stats_net, images))
+    eval_erf = reference_erf(net, images)
+    assert not _close(erf, eval_erf, rel=0.05)  # the switch changes the result
+    for key, value in net.state_dict().items():
+        if key in buffers:
+            assert torch.equal(value, buffers[key]), key
+    assert net.training and all(m.training for m in net.modules())
+
+
+def test_unknown_bn_mode_is_an_error() -> None:
+    net = _small_cnn()
+    with pytest.raises(ValueError, match="BatchNorm mode"):
+        compute_erf(net, torch.randn(1, 3, 16, 16), bn_mode="batch")  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- soft-label weights
@@ -150,21 +230,6 @@ def test_regions_from_masks_match_layout(canvas: tuple[int, int], fhw: tuple[int
     assert torch.equal(position_regions_from_masks(layout.region_masks(), fhw), layout.position_regions(fhw))
 
 
-def _literal_weights(g: torch.Tensor, masks: torch.Tensor, own: torch.Tensor, tau: float) -> torch.Tensor:
-    """The paper's formula, written plainly, one position at a time."""
-    h, w = g.shape[:2]
-    out = torch.zeros(h, w, masks.shape[0], dtype=torch.float64)
-    for j in range(h):
-        for k in range(w):
-            gjk, r = g[j, k].double(), int(own[j, k])
-            w_r = max(tau, float((gjk * masks[r]).sum() / gjk.sum()))
-            out[j, k, r] = w_r
-            for i in range(masks.shape[0]):
-                if i != r:
-                    out[j, k, i] = (1 - w_r) * (gjk * masks[i]).sum() / (gjk * (1 - masks[r])).sum()
-    return out
-
-
 @pytest.mark.parametrize("tau", [0.0, 0.3, 0.7, 1.0])
 def test_weights_match_literal_formula(tau: float) -> None:
     layout = MontageLayout((32, 32))
@@ -172,7 +237,7 @@ def test_weights_match_literal_formula(tau: float) -> None:
     g = torch.rand(7, 7, 32, 32, generator=torch.Generator().manual_seed(0)) ** 4
     wts = soft_label_weights(g, masks, tau=tau)
     own = layout.position_regions((7, 7))
-    assert torch.allclose(wts.double(), _literal_weights(g, masks.double(), own, tau), atol=1e-6)
+    assert torch.allclose(wts.double(), literal_soft_label_weights(g, masks, own, tau), atol=1e-6)
     assert torch.allclose(wts.sum(-1), torch.ones(7, 7), atol=1e-6)
     w_own = wts.gather(-1, own[..., None])[..., 0]
     assert bool((w_own >= tau - 1e-6).all())
@@ -283,4 +348,4 @@ def test_auto_method_resolution_and_fallback(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(erf_module, "resolve_method", lambda method, device: "func")
     with pytest.warns(RuntimeWarning, match="falling back"):
         erf = compute_erf(net, images)
-    assert _close(erf, compute_erf_bruteforce(net, images))
+    assert _close(erf, reference_erf(net, images))
