@@ -135,6 +135,53 @@ def test_train_py_run_folder_erf_refresh_and_resume(tiny_embedded, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("bn_mode", ["eval", "train"])
+def test_installed_erf_weights_match_an_independent_recomputation(tiny_embedded, tmp_path, bn_mode):
+    """The soft-label weights ERFRefresh installs in a real run, checked for value. Refreshes at steps 0
+    and 2; ``step0000002.ckpt`` is written after step 2's optimizer step, just before the refresh at step
+    2, so it holds the model that refresh saw, and ``last.ckpt`` (step 3) the weights it installed
+    (``erf_weights``, ``erf_step`` = 2). Recomputed here from that checkpoint and the same ERF montages
+    with the in-test reference ERF (tests/erf_reference.py; BatchNorm statistics of the montages for
+    bn_mode "train") and the paper's formula written in the test."""
+    from datamodules.montage import MontageDataModule
+    from models.layout import MontageLayout
+    from tests.erf_reference import literal_soft_label_weights, reference_erf, with_batch_statistics
+
+    run = tmp_path / "run"
+    _train(tiny_embedded, run, "trainer.max_steps=3", "model.erf.refresh_every=2", f"model.erf.bn_mode={bn_mode}")
+    snapshot = torch.load(run / "checkpoints" / "step0000002.ckpt", weights_only=False)
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert snapshot["global_step"] == 2 and int(snapshot["state_dict"]["erf_step"]) == 0
+    assert last["global_step"] == 3 and int(last["state_dict"]["erf_step"]) == 2
+    installed = last["state_dict"]["erf_weights"].double()
+
+    cfg = load_config(CONFIG_DIR / "montage.yaml", run / "config.yaml")
+    assert cfg.model.erf.bn_mode == bn_mode
+    backbone = timm.create_model(cfg.model.arch, pretrained=False, num_classes=0, global_pool="")
+    prefix = "backbone."
+    backbone.load_state_dict({k[len(prefix):]: v for k, v in snapshot["state_dict"].items() if k.startswith(prefix)})
+    datamodule = MontageDataModule.from_config(cfg)
+    images = datamodule.erf_images(int(cfg.model.erf.num_montages))
+    layout = MontageLayout((int(cfg.data.canvas),) * 2, split=tuple(cfg.data.split))
+
+    def recomputed(mode: str) -> torch.Tensor:
+        net = with_batch_statistics(backbone, images) if mode == "train" else backbone
+        erf = reference_erf(net, images)
+        own = layout.position_regions(tuple(erf.shape[:2]))
+        return literal_soft_label_weights(erf, layout.region_masks(), own, float(cfg.model.tau))
+
+    expected = recomputed(bn_mode)
+    assert installed.shape == expected.shape == (3, 3, 4)
+    max_abs_diff = float((installed - expected).abs().max())
+    other_mode_diff = float((installed - recomputed("eval" if bn_mode == "train" else "train")).abs().max())
+    print(f"bn_mode={bn_mode}: installed vs recomputed ERF weights, max abs difference {max_abs_diff:.3g} "
+          f"(vs the other bn_mode's recomputation: {other_mode_diff:.3g})")
+    assert max_abs_diff < 1e-6
+    assert other_mode_diff > 20 * max(max_abs_diff, 1e-6)  # the check can tell the two modes apart
+    assert float(installed.max(dim=-1).values.min()) < 0.99  # soft somewhere, not the block-wise one-hot
+
+
+@pytest.mark.slow
 def test_preview_writes_png_and_json(tiny_embedded, tmp_path):
     _train(tiny_embedded, tmp_path / "run", "--preview", "2")
     preview = tmp_path / "run" / "preview"
