@@ -78,7 +78,15 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from cheaplunch.errors import UserError
-from datamodules.sample_bank import BANK_VERSION, GROUPS, SampleBank, ann_file_fingerprint, read_bank_settings
+from datamodules.sample_bank import (
+    BANK_VERSION,
+    DEFAULT_NEGATIVES_AVOID,
+    GROUPS,
+    SampleBank,
+    ann_file_fingerprint,
+    check_negatives_avoid,
+    read_bank_settings,
+)
 from models.layout import POSITION_GROUPS, POSITIONS, MontageLayout
 
 log = logging.getLogger(__name__)
@@ -578,6 +586,7 @@ class MontageDataModule(L.LightningDataModule):
         scale_range: tuple[float, float] = (0.8, 1.5),
         flip_p: float = 0.5,
         neg_ratio: float = 0.1,
+        negatives_avoid: str = DEFAULT_NEGATIVES_AVOID,
         bank_dir: str | os.PathLike | None = None,
         seed: int = 0,
         epoch_size: int | None = None,
@@ -598,6 +607,7 @@ class MontageDataModule(L.LightningDataModule):
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.flip_p = float(flip_p)
         self.neg_ratio = float(neg_ratio)
+        self.negatives_avoid = check_negatives_avoid(negatives_avoid)
         self.bank_dir = bank_dir
         self.seed = int(seed)
         self.epoch_size = epoch_size
@@ -615,7 +625,8 @@ class MontageDataModule(L.LightningDataModule):
         data = cfg.data
         kwargs: dict[str, Any] = {"data_root": data.get("root"), "seed": int(cfg.get("seed", 0))}
         for key in ("batch_size", "num_workers", "canvas", "split", "scale_range", "flip_p", "neg_ratio",
-                    "bank_dir", "epoch_size", "embedded_size", "pin_memory", "max_side", "pad"):
+                    "negatives_avoid", "bank_dir", "epoch_size", "embedded_size", "pin_memory", "max_side",
+                    "pad"):
             if data.get(key) is not None:
                 value = data.get(key)
                 kwargs[key] = tuple(value) if key in ("split", "scale_range") or (
@@ -665,7 +676,7 @@ class MontageDataModule(L.LightningDataModule):
 
     def _bank_settings_key(self, ann_file: str | os.PathLike) -> dict[str, Any]:
         return {**ann_file_fingerprint(ann_file), "seed": self.seed, "neg_ratio": self.neg_ratio,
-                "max_side": self.max_side, "version": BANK_VERSION}
+                "negatives_avoid": self.negatives_avoid, "max_side": self.max_side, "version": BANK_VERSION}
 
     def bank_path(self, paths: Any | None = None) -> Path:
         """Where the bank lives: ``bank_dir`` or ``<data root>/sample_bank/<hash of settings>``."""
@@ -691,7 +702,8 @@ class MontageDataModule(L.LightningDataModule):
         from datamodules.readers import load_coco
 
         coco = load_coco(paths.train_ann, paths.train_images)
-        SampleBank.build(coco, out, seed=self.seed, neg_ratio=self.neg_ratio, max_side=self.max_side)
+        SampleBank.build(coco, out, seed=self.seed, neg_ratio=self.neg_ratio, max_side=self.max_side,
+                         negatives_avoid=self.negatives_avoid)
 
     def setup(self, stage: str | None = None) -> None:
         """Open the bank (building it first if ``prepare_data`` was skipped) and make the dataset."""

@@ -17,11 +17,19 @@ paper's 10:1), spread over the images in proportion to their positives (a runnin
 overall ratio is exact up to rejections; a shortfall carries over to the next image). The paper gives
 no size distribution; ours matches the positives': each candidate takes the (w, h) of a positive drawn
 uniformly from the whole bank (its expanded, stored-in-source-pixels size) and a uniformly random
-position where it fits the image. A candidate is accepted iff its intersection with every *original*
-GT box of the image is empty (IoU = 0 with the GT boxes, as the paper says; touching edges allowed).
-The expanded positive boxes are deliberately NOT used for this test, so a negative may show some of a
-positive's context margin but never any object pixel. Crowd regions (``iscrowd=1`` annotations in
-``coco.coco``, when available) are avoided as well, since they contain objects. Rejection sampling:
+position where it fits the image. What a candidate must not overlap is ``negatives_avoid``:
+
+- ``"expanded_positives"`` (default): the image's positives, i.e. the *expanded* boxes cut above (and
+  the original GT boxes, which matters for boxes skipped as too small). Positives and negatives are then
+  mutually exclusive sample sets, as the paper's sample selection describes them (Sec. 3.1: IoU = 0
+  against every positive): no negative shows a positive's context margin, so no pixel is both
+  labelled background and part of an object's sample.
+- ``"boxes"``: only the original GT boxes. A negative may then show some of a positive's context
+  margin, never any object pixel; more negatives fit on crowded images.
+
+A candidate is accepted iff its intersection with each of those boxes is empty (IoU = 0; touching
+edges allowed). Crowd regions (``iscrowd=1`` annotations in ``coco.coco``, when available) are avoided
+in both settings, since they contain objects. Rejection sampling:
 up to ``neg_max_tries`` (default 50) candidates per negative, drawn as one vectorised batch; if none
 is valid the negative is given up and its quota passes to the next image (``info["negatives_short"]``
 counts what was never placed). Because large candidates are rejected more often (they rarely fit
@@ -83,6 +91,16 @@ CROPS_FILE = "crops.u8"
 
 _POS_STREAM, _NEG_STREAM = 0, 1  # independent random streams per image
 
+NEGATIVES_AVOID: tuple[str, ...] = ("expanded_positives", "boxes")  # what negatives have IoU 0 with
+DEFAULT_NEGATIVES_AVOID = "expanded_positives"  # the paper's mutually exclusive sets (module docstring)
+
+
+def check_negatives_avoid(value: str) -> str:
+    """``value`` if it is one of ``NEGATIVES_AVOID``, else a UserError naming the option."""
+    if value not in NEGATIVES_AVOID:
+        raise UserError(f"data.negatives_avoid must be one of {', '.join(NEGATIVES_AVOID)}, got {value!r}")
+    return value
+
 
 def aspect_group_codes(widths: np.ndarray, heights: np.ndarray) -> np.ndarray:
     """Group code (0=S, 1=T, 2=W) per box from its w/h: S in [0.5, 1.5] inclusive, T < 0.5, W > 1.5."""
@@ -111,6 +129,7 @@ class BankSettings:
     max_side: int
     neg_max_tries: int
     min_box_side: float
+    negatives_avoid: str
     version: int = BANK_VERSION
 
 
@@ -174,14 +193,14 @@ def _expand_positives(
 
 def _sample_negatives(
     count: int,
-    gt_xyxy: np.ndarray,
+    avoid_xyxy: np.ndarray,
     width: int,
     height: int,
     sizes: np.ndarray,
     rng: np.random.Generator,
     max_tries: int,
 ) -> np.ndarray:
-    """Up to ``count`` integer (x, y, w, h) boxes with empty intersection with every ``gt_xyxy`` box."""
+    """Up to ``count`` integer (x, y, w, h) boxes with empty intersection with every ``avoid_xyxy`` box."""
     out: list[np.ndarray] = []
     for _ in range(count):
         cand = sizes[rng.integers(0, len(sizes), max_tries)]  # (k, 2) w, h of random positives
@@ -190,12 +209,12 @@ def _sample_negatives(
         # uniform position where the candidate fits (ignored for candidates that do not fit)
         cx = np.floor(rng.random(max_tries) * np.maximum(width - cw + 1, 1)).astype(np.int64)
         cy = np.floor(rng.random(max_tries) * np.maximum(height - ch + 1, 1)).astype(np.int64)
-        if len(gt_xyxy):
-            ix = np.minimum(cx[:, None] + cw[:, None], gt_xyxy[None, :, 2]) - np.maximum(
-                cx[:, None], gt_xyxy[None, :, 0]
+        if len(avoid_xyxy):
+            ix = np.minimum(cx[:, None] + cw[:, None], avoid_xyxy[None, :, 2]) - np.maximum(
+                cx[:, None], avoid_xyxy[None, :, 0]
             )
-            iy = np.minimum(cy[:, None] + ch[:, None], gt_xyxy[None, :, 3]) - np.maximum(
-                cy[:, None], gt_xyxy[None, :, 1]
+            iy = np.minimum(cy[:, None] + ch[:, None], avoid_xyxy[None, :, 3]) - np.maximum(
+                cy[:, None], avoid_xyxy[None, :, 1]
             )
             free = ((ix <= 0) | (iy <= 0)).all(axis=1)
         else:
@@ -229,17 +248,19 @@ def plan_samples(
     neg_ratio: float = 0.1,
     neg_max_tries: int = 50,
     min_box_side: float = 1.0,
+    negatives_avoid: str = DEFAULT_NEGATIVES_AVOID,
 ) -> SamplePlan:
     """Decide every sample's box and label (see the module docstring for the rules)."""
     if neg_ratio < 0:
         raise UserError(f"neg_ratio must be >= 0, got {neg_ratio}")
+    check_negatives_avoid(negatives_avoid)
     background = int(coco.num_classes)
     images = sorted(coco.images, key=lambda im: int(im.id))
     crowd = _crowd_boxes(coco)
 
     # per image: (image position, image id, boxes, labels, category ids, annotation ids)
     rows: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-    gt_per_image: list[np.ndarray] = []
+    avoid_per_image: list[np.ndarray] = []  # xyxy boxes a negative must not overlap
     skipped = 0
     for i, im in enumerate(images):
         boxes = np.asarray(im.boxes, np.float32).reshape(-1, 4)
@@ -249,9 +270,13 @@ def plan_samples(
         gt_xyxy = np.concatenate([gt[:, :2], gt[:, :2] + gt[:, 2:]], axis=1)
         if int(im.id) in crowd:
             gt_xyxy = np.concatenate([gt_xyxy, crowd[int(im.id)]])
-        gt_per_image.append(gt_xyxy)
         rng = np.random.default_rng([seed, _POS_STREAM, int(im.id)])
         pos = _expand_positives(boxes[keep], int(im.width), int(im.height), rng)
+        if negatives_avoid == "expanded_positives":
+            pos_xyxy = np.concatenate([pos[:, :2], pos[:, :2] + pos[:, 2:]], axis=1).astype(np.float64)
+            avoid_per_image.append(np.concatenate([gt_xyxy, pos_xyxy]))
+        else:
+            avoid_per_image.append(gt_xyxy)
         rows.append((
             i, int(im.id), pos,
             np.asarray(im.labels, np.int64).reshape(-1)[keep],
@@ -272,7 +297,8 @@ def plan_samples(
             continue
         im = images[i]
         rng = np.random.default_rng([seed, _NEG_STREAM, img_id])
-        neg = _sample_negatives(quota, gt_per_image[i], int(im.width), int(im.height), pos_sizes, rng, neg_max_tries)
+        neg = _sample_negatives(quota, avoid_per_image[i], int(im.width), int(im.height), pos_sizes, rng,
+                                neg_max_tries)
         placed += len(neg)
         if len(neg):
             none = np.full(len(neg), -1, np.int64)
@@ -362,12 +388,15 @@ class SampleBank:
         max_side: int = 448,
         neg_max_tries: int = 50,
         min_box_side: float = 1.0,
+        negatives_avoid: str = DEFAULT_NEGATIVES_AVOID,
         progress: bool = True,
         read_fn: Callable[[Path], np.ndarray] | None = None,
     ) -> SampleBank:
         """Build the bank into ``out_dir`` (or reuse the one there if its settings match) and open it.
 
         ``max_side`` caps the stored crops' longer side (default 448 = 2x a 224 canvas).
+        ``negatives_avoid``: "expanded_positives" or "boxes", what negatives have IoU 0 with (module
+        docstring); part of the settings, so a bank built with the other value is rebuilt, not reused.
         ``read_fn`` decodes one image to HxWx3 uint8 RGB (default ``datamodules.readers.read_image``).
         """
         if max_side < 1:
@@ -381,6 +410,7 @@ class SampleBank:
             max_side=int(max_side),
             neg_max_tries=int(neg_max_tries),
             min_box_side=float(min_box_side),
+            negatives_avoid=check_negatives_avoid(negatives_avoid),
         )
         existing = read_bank_settings(out)
         if existing == asdict(settings):
@@ -396,7 +426,8 @@ class SampleBank:
 
             read_fn = read_image
         plan = plan_samples(
-            coco, seed=seed, neg_ratio=neg_ratio, neg_max_tries=neg_max_tries, min_box_side=min_box_side
+            coco, seed=seed, neg_ratio=neg_ratio, neg_max_tries=neg_max_tries, min_box_side=min_box_side,
+            negatives_avoid=negatives_avoid,
         )
         images = sorted(coco.images, key=lambda im: int(im.id))
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,10 +19,11 @@ import torch
 from PIL import Image
 from torchvision.ops import box_iou
 
-from cheaplunch.errors import DataError
+from cheaplunch.errors import DataError, UserError
 from datamodules.readers import load_coco
 from datamodules.sample_bank import (
     GROUPS,
+    NEGATIVES_AVOID,
     SampleBank,
     aspect_group,
     aspect_group_codes,
@@ -192,6 +193,80 @@ def test_negatives_have_iou_zero_with_every_gt_box(coco_set, bank):
         boxes = torch.tensor(gt[int(bank.image_ids[i])])
         iou = box_iou(torch.tensor([[x, y, x + w, y + h]], dtype=torch.float64), boxes)
         assert float(iou.max()) == 0.0, (i, iou)
+
+
+def _xyxy(xywh: np.ndarray) -> torch.Tensor:
+    b = torch.as_tensor(np.asarray(xywh, np.float64).reshape(-1, 4))
+    return torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], dim=1)
+
+
+@pytest.fixture(scope="module")
+def banks_by_negatives_avoid(coco_set, tmp_path_factory) -> dict[str, SampleBank]:
+    """One bank per data.negatives_avoid setting, one negative per positive (many negatives to check)."""
+    root = tmp_path_factory.mktemp("avoid")
+    return {avoid: build(coco_set[2], root / avoid, neg_ratio=1.0, negatives_avoid=avoid)
+            for avoid in NEGATIVES_AVOID}
+
+
+@pytest.mark.parametrize("negatives_avoid", ["boxes", "expanded_positives"])
+def test_negatives_avoid_boxes_or_expanded_positives(coco_set, banks_by_negatives_avoid, negatives_avoid):
+    """IoU 0 (torchvision's box_iou) of every negative with every GT box of its image (read from the JSON)
+    in both settings, and with every expanded positive of its image for "expanded_positives". With
+    "boxes" some negatives do overlap an expanded positive (on this set), so the setting matters."""
+    bank = banks_by_negatives_avoid[negatives_avoid]
+    gt = gt_boxes_by_image(coco_set[0])
+    negatives = bank.labels == bank.background_label
+    assert negatives.sum() > 30
+    overlapping_expanded = 0
+    for image_id in np.unique(bank.image_ids[negatives]):
+        in_image = bank.image_ids == image_id
+        neg_boxes = _xyxy(bank.source_boxes[in_image & negatives])
+        expanded = _xyxy(bank.source_boxes[in_image & ~negatives])
+        assert float(box_iou(neg_boxes, torch.as_tensor(gt[int(image_id)])).max()) == 0.0
+        iou_expanded = box_iou(neg_boxes, expanded)
+        overlapping_expanded += int((iou_expanded.max(dim=1).values > 0).sum())
+    if negatives_avoid == "expanded_positives":
+        assert overlapping_expanded == 0
+    else:
+        assert overlapping_expanded >= 5, overlapping_expanded
+    assert bank.info["settings"]["negatives_avoid"] == negatives_avoid
+    # same positives (the expansion does not depend on the setting)
+    other = banks_by_negatives_avoid[next(a for a in NEGATIVES_AVOID if a != negatives_avoid)]
+    np.testing.assert_array_equal(bank.source_boxes[~negatives], other.source_boxes[other.labels < other.background_label])
+
+
+def test_unknown_negatives_avoid_is_a_clear_error(coco_set, tmp_path):
+    from datamodules.montage import MontageDataModule
+
+    coco = coco_set[2]
+    for call in (lambda: plan_samples(coco, seed=0, negatives_avoid="positives"),
+                 lambda: build(coco, tmp_path / "bad", negatives_avoid="positives"),
+                 lambda: MontageDataModule(negatives_avoid="positives")):
+        with pytest.raises(UserError, match="negatives_avoid must be one of expanded_positives, boxes, got 'positives'"):
+            call()
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cache_is_keyed_by_negatives_avoid(coco_set, tmp_path, caplog):
+    """A bank built with one setting is rebuilt, not reused, for the other (SampleBank.build's settings),
+    and the montage DataModule puts the two in different folders."""
+    from types import SimpleNamespace
+
+    from datamodules.montage import MontageDataModule
+
+    ann, _, coco = coco_set
+    out = tmp_path / "bank"
+    with_boxes = build(coco, out, neg_ratio=1.0, negatives_avoid="boxes")
+    boxes_negatives = with_boxes.source_boxes[with_boxes.labels == with_boxes.background_label].copy()
+    with caplog.at_level(logging.INFO, logger="datamodules.sample_bank"):
+        rebuilt = build(coco, out, neg_ratio=1.0, negatives_avoid="expanded_positives")
+    assert "settings changed, rebuilding" in caplog.text
+    assert rebuilt.info["settings"]["negatives_avoid"] == "expanded_positives"
+    new_negatives = rebuilt.source_boxes[rebuilt.labels == rebuilt.background_label]
+    assert new_negatives.shape != boxes_negatives.shape or not np.array_equal(new_negatives, boxes_negatives)
+    paths = SimpleNamespace(root=tmp_path, train_ann=ann)
+    folders = {MontageDataModule(negatives_avoid=a).bank_path(paths) for a in NEGATIVES_AVOID}
+    assert len(folders) == 2
 
 
 def test_negative_sizes_follow_positive_sizes(bank):
