@@ -625,8 +625,7 @@ class MontageDataModule(L.LightningDataModule):
         data = cfg.data
         kwargs: dict[str, Any] = {"data_root": data.get("root"), "seed": int(cfg.get("seed", 0))}
         for key in ("batch_size", "num_workers", "canvas", "split", "scale_range", "flip_p", "neg_ratio",
-                    "negatives_avoid", "bank_dir", "epoch_size", "embedded_size", "pin_memory", "max_side",
-                    "pad"):
+                    "negatives_avoid", "epoch_size", "embedded_size", "pin_memory", "max_side"):
             if data.get(key) is not None:
                 value = data.get(key)
                 kwargs[key] = tuple(value) if key in ("split", "scale_range") or (

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from callbacks.erf_refresh import ERFRefresh
 from callbacks.image_logging import log_images
+from cheaplunch.errors import UserError
 from datamodules.montage import MontageBatch, denormalize, normalize_images
 from lightning_modules.base import PretrainModule
 from models.heads import DenseClassifier
@@ -42,7 +43,11 @@ class MontageModule(PretrainModule):
     # ---- layers and buffers that depend on the data ---------------------------------------------
     def build_heads(self) -> None:
         datamodule = self.trainer.datamodule if self._trainer is not None else None
-        num_classes = int(datamodule.num_classes) if datamodule is not None else int(self.cfg.model.num_classes)
+        configured = self.cfg.model.get("num_classes")
+        num_classes = int(datamodule.num_classes) if datamodule is not None else int(configured)
+        if configured is not None and int(configured) != num_classes:
+            raise UserError(f"model.num_classes={configured}, but the data has {num_classes} classes (object classes "
+                            "+ background); leave it null to take it from the data")
         self.num_classes = num_classes
         self.classifier = DenseClassifier(self.backbone.num_features, num_classes)
         fh, fw = self.feature_size()

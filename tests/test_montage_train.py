@@ -75,6 +75,20 @@ def test_each_objective_reduces_the_loss_on_a_fixed_batch(tiny_embedded, objecti
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_num_classes_that_disagrees_with_the_data_is_an_error(tiny_embedded):
+    import types
+
+    from cheaplunch.errors import UserError
+    from lightning_modules.montage import MontageModule
+
+    cfg, dm = _datamodule(tiny_embedded)
+    cfg.model.num_classes = dm.num_classes + 1
+    module = MontageModule(cfg)
+    module._trainer = types.SimpleNamespace(datamodule=dm)  # what build_heads reads
+    with pytest.raises(UserError, match=f"model.num_classes={dm.num_classes + 1}"):
+        module.build_heads()
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_objective_batches_are_uint8_and_normalised_after_transfer(tiny_embedded, channels_last):
     """The DataLoader's batch is uint8; ``on_after_batch_transfer`` makes it (x / 255 - mean) / std float32
