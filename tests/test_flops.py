@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -57,3 +58,37 @@ def test_measure_step_flops_mean_over_batches_and_extrapolation():
     assert got == StepFlops(per_step=2 * 3 * per_image, min_per_step=2 * 2 * per_image,
                             max_per_step=2 * 4 * per_image, measured_steps=2)
     assert got.total(100) == pytest.approx(100 * 6 * per_image)
+
+
+class _LitNet(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _net()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_compute_meter_counts_real_training_steps(tmp_path):
+    import json
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from callbacks.compute import ComputeMeter
+
+    data = TensorDataset(torch.randn(24, 3, 16, 16), torch.randint(0, 10, (24,)))
+    meter = ComputeMeter(tmp_path / "compute.json", count=2, skip=1)
+    trainer = L.Trainer(max_steps=5, accumulate_grad_batches=2, callbacks=[meter], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu")
+    trainer.fit(_LitNet(), DataLoader(data, batch_size=4))
+    written = json.loads((tmp_path / "compute.json").read_text())
+    per_image = 3 * sum(_hand_forward(1)) - _hand_forward(1)[0]
+    assert written["flops_per_step"] == 2 * 4 * per_image  # two micro-batches of 4 images per optimizer step
+    assert written["counted_steps"] == 2 and written["optimizer_steps"] == 5
+    assert written["total_flops"] == 5 * 2 * 4 * per_image
+    assert written["images_seen"] == 5 * 2 * 4 and written["device"] == "cpu"

@@ -1,0 +1,110 @@
+"""The measured compute of a run, written to ``compute.json`` in the run folder.
+
+FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (forward + backward + anything else
+the step runs) on real training steps of the run itself: steps ``skip`` .. ``skip + count - 1`` (the first
+step is skipped: one-off work such as a montage ERF refresh at step 0 or lazy initialisation is not a
+typical step). Total FLOPs = mean FLOPs of the counted steps x optimizer steps run, per process, x the
+number of processes. Beside it: wall seconds of training, images seen and the device, so that a budget
+in FLOPs can be compared across machines and a budget in time on one machine.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_modules.base import batch_size_of
+
+
+class ComputeMeter(Callback):
+    """Counts the FLOPs of `count` training steps and writes the run's compute to `path` (rank 0)."""
+
+    def __init__(self, path: Path | str, count: int = 3, skip: int = 1) -> None:
+        self.path = Path(path)
+        self.count, self.skip = int(count), int(skip)
+        self.step_flops: list[int] = []
+        self._counter: FlopCounterMode | None = None
+        self._micro_flops = 0
+        self._started: float | None = None
+        self._wall_before = 0.0  # training seconds of earlier (resumed) sessions
+        self._images = 0
+        self._images_before = 0
+
+    # ---- counting ---------------------------------------------------------------------------------
+    def _counting(self, trainer: L.Trainer) -> bool:
+        done = len(self.step_flops)
+        return done < self.count and trainer.global_step >= self.skip
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._images += batch_size_of(batch)
+        if self._counting(trainer) and self._counter is None:
+            self._counter = FlopCounterMode(display=False)
+            self._counter.__enter__()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._counter is None:
+            return
+        self._counter.__exit__(None, None, None)
+        self._micro_flops += int(self._counter.get_total_flops())
+        self._counter = None
+        step_done = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if step_done:  # an optimizer step: its micro-batches together
+            self.step_flops.append(self._micro_flops)
+            self._micro_flops = 0
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self._counter = None
+
+    # ---- result -----------------------------------------------------------------------------------
+    def summary(self, trainer: L.Trainer) -> dict[str, Any]:
+        steps = int(trainer.global_step)
+        world = int(trainer.world_size)
+        wall = self._wall_before + (time.perf_counter() - self._started if self._started is not None else 0.0)
+        per_step = statistics.fmean(self.step_flops) if self.step_flops else None
+        device = str(trainer.strategy.root_device)
+        if trainer.strategy.root_device.type == "cuda":
+            device += f" ({torch.cuda.get_device_name(trainer.strategy.root_device)})"
+        return {
+            "optimizer_steps": steps,
+            "flops_per_step": per_step,            # one process
+            "flops_per_step_min": min(self.step_flops) if self.step_flops else None,
+            "flops_per_step_max": max(self.step_flops) if self.step_flops else None,
+            "counted_steps": len(self.step_flops),
+            "processes": world,
+            "total_flops": per_step * steps * world if per_step is not None else None,
+            "wall_seconds": round(wall, 2),
+            "images_seen": (self._images_before + self._images) * world,
+            "device": device,
+            "method": "FlopCounterMode on counted real steps; total = mean per step x steps x processes",
+        }
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.summary(trainer), indent=2) + "\n")
+
+    def state_dict(self) -> dict[str, Any]:
+        wall = self._wall_before + (time.perf_counter() - self._started if self._started is not None else 0.0)
+        return {"step_flops": list(self.step_flops), "wall_seconds": wall,
+                "images": self._images_before + self._images}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resuming: the counts and the time of the interrupted session carry over."""
+        self.step_flops = list(state_dict.get("step_flops", []))
+        self._wall_before = float(state_dict.get("wall_seconds", 0.0))
+        self._images_before = int(state_dict.get("images", 0))
