@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,10 @@ class FinetuneModule(PretrainModule):
         self.freeze_backbone = bool(self.cfg.model.get("freeze_backbone", False))
         self.history: list[dict[str, Any]] = []
         self.results: dict[str, Any] = {}
+        self._fit_started: float | None = None
+
+    def on_fit_start(self) -> None:
+        self._fit_started = time.perf_counter()
 
     def apply_backbone_freeze(self) -> None:
         if self.freeze_backbone:
@@ -117,7 +122,10 @@ class FinetuneModule(PretrainModule):
         if self._trainer is not None and self.trainer.sanity_checking:
             return
         self.results = metrics
-        self.history.append({"step": int(self.global_step), "metrics": metrics})
+        entry: dict[str, Any] = {"step": int(self.global_step), "metrics": metrics}
+        if self._fit_started is not None:  # wall seconds since this process started fitting (curves vs time)
+            entry["wall_s"] = round(time.perf_counter() - self._fit_started, 2)
+        self.history.append(entry)
         path = self.history_file()
         if path is not None and self.trainer.is_global_zero and self.trainer.state.fn == "fit":
             path.parent.mkdir(parents=True, exist_ok=True)
