@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from cheaplunch.errors import UserError
+
 
 def scheduled_lr(
     step: int,
@@ -49,11 +51,22 @@ def scheduled_lr(
     raise ValueError(f"unknown lr schedule '{name}' (choices: cosine, step, constant)")
 
 
+def steps_per_epoch(trainer: L.Trainer) -> int:
+    """Optimizer steps in one epoch: the training batches per epoch over the accumulation, rounded up as
+    Lightning steps on an epoch's last, partial accumulation. Not the total steps over the epochs: that
+    total is capped at ``trainer.max_steps``."""
+    batches = trainer.num_training_batches
+    if math.isinf(batches):
+        raise UserError("schedule.warmup_epochs needs a training set of known length (steps per epoch); "
+                        "use schedule.warmup_steps")
+    return math.ceil(int(batches) / trainer.accumulate_grad_batches)
+
+
 class WarmupCosineLR(Callback):
     """Sets the lr of every param group before each training batch (see module docstring).
 
     `base_lr=None` takes the module's `peak_lr` (set in configure_optimizers, after linear scaling).
-    `warmup_epochs` (if given) is converted to steps with the trainer's steps per epoch.
+    `warmup_epochs` (if given) is converted to steps with the trainer's steps per epoch (`steps_per_epoch`).
     The scheduled value is logged as `lr`.
     """
 
@@ -85,10 +98,7 @@ class WarmupCosineLR(Callback):
         if self.base_lr is None:
             self.base_lr = float(pl_module.peak_lr)
         if self.warmup_epochs is not None:
-            if trainer.max_epochs in (None, -1):
-                raise ValueError("schedule.warmup_epochs needs trainer.max_epochs; use schedule.warmup_steps")
-            steps_per_epoch = self.total_steps / trainer.max_epochs
-            self.warmup_steps = round(self.warmup_epochs * steps_per_epoch)
+            self.warmup_steps = round(self.warmup_epochs * steps_per_epoch(trainer))
 
     def lr_at(self, step: int) -> float:
         if self.base_lr is None:

@@ -105,3 +105,19 @@ def test_lr_scale_of_param_groups_is_respected(tmp_path):
 
     _trainer(tmp_path, 3, [WarmupCosineLR(name="constant"), _Rec()]).fit(_Groups(), _loader())
     assert all(math.isclose(a, 0.05) and math.isclose(b, 0.5) for a, b in seen)
+
+
+@pytest.mark.parametrize("max_epochs", [3, -1])
+def test_warmup_epochs_count_the_epochs_steps_when_max_steps_caps_training(tmp_path, max_epochs):
+    # 16 batches, accumulation 2: 8 optimizer steps per epoch. max_steps=10 caps the 3 epochs' 24 steps, so
+    # the total (10) over the epochs (3) is not the steps per epoch: warmup_epochs=1 must be 8 steps, not 3.
+    kw = dict(name="cosine", warmup_start_factor=0.1, min_lr_factor=0.0)
+    schedule, rec = WarmupCosineLR(warmup_epochs=1, **kw), _RecordLR()
+    trainer = L.Trainer(default_root_dir=tmp_path, max_steps=10, max_epochs=max_epochs, accumulate_grad_batches=2,
+                        callbacks=[schedule, rec], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", devices=1)
+    trainer.fit(_Tiny(), _loader())
+    assert schedule.warmup_steps == 8 and schedule.total_steps == 10
+    assert sorted(rec.seen) == list(range(10))
+    for step, lr in rec.seen.items():
+        assert lr == pytest.approx(scheduled_lr(step, base_lr=0.5, total_steps=10, warmup_steps=8, **kw), rel=1e-9)
