@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cheaplunch.checks import check_config
 from cheaplunch.config import _load_yaml, _merge, load_config
 from cheaplunch.errors import UserError
 from cheaplunch.registry import TASKS, Entry, lookup
@@ -163,6 +164,7 @@ def run_finetune(
         flags + list(overrides), devices=devices, num_nodes=num_nodes, seed=seed, data=data))
     if logger is not None:
         cfg.logging.logger = logger
+    check_config(cfg, task=task)
     spec = backbone if backbone is not None else str(cfg.model.backbone)
     source: BackboneSource = resolve_backbone(spec, arch, default_arch=str(cfg.model.arch))
     notes = []  # printed once the data is known to be readable, so that an error is the only output
@@ -252,6 +254,7 @@ def evaluate_checkpoint(
         cfg = _merge(cfg, OmegaConf.from_dotlist(extra), f"overrides {extra}")
     if logger is not None:
         cfg.logging.logger = logger
+    check_config(cfg, task=saved_task, training=False)
     saved_names = list(cfg.data.class_names or [])
     datamodule = entry.datamodule_class().from_config(cfg)
     names = list(datamodule.class_names)

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from cheaplunch.checks import check_config
 from cheaplunch.config import load_config
 from cheaplunch.errors import UserError
 from cheaplunch.registry import METHODS, lookup
@@ -41,6 +42,7 @@ def run_pretraining(
         list(overrides), devices=devices, num_nodes=num_nodes, seed=seed, data=data))
     if logger is not None:
         cfg.logging.logger = logger
+    check_config(cfg)
     job = apply_slurm_environment(cfg, devices=devices, num_nodes=num_nodes)
     run_dir = (out or default_run_dir(method, job)).resolve()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)

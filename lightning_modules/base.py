@@ -6,6 +6,7 @@ loss term, stops on a non-finite loss with a clear message, and exports the back
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 from timm.models._manipulate import group_with_matcher
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers
 from torch import nn
 
 from cheaplunch.errors import UserError
@@ -54,6 +55,32 @@ def peak_lr(cfg: DictConfig, world_size: int) -> float:
     if cfg.optim.lr_scaling != "none":
         raise ValueError(f"optim.lr_scaling must be 'none' or 'linear', got '{cfg.optim.lr_scaling}'")
     return lr
+
+
+def optimizer_kwargs(optim: DictConfig) -> dict[str, Any]:
+    """``optim.momentum`` / ``optim.betas`` as keyword arguments for the timm optimizer ``optim.name``, each
+    passed when timm's optimizer registry says that optimizer takes it (rmsprop: momentum; lion, adan:
+    betas). A name timm does not know, or the wrong number of betas, is a UserError."""
+    name = str(optim.name).lower()
+    parts = name.split("_")
+    if len(parts) > 2 or (len(parts) == 2 and parts[0] != "lookahead"):
+        # timm reads only the last part (and a 'lookahead_' prefix): any other prefix would be dropped unread
+        raise UserError(f"optim.name={optim.name}: give a timm optimizer name, optionally as lookahead_<name>")
+    try:
+        info = get_optimizer_info(parts[-1])
+    except ValueError:
+        close = difflib.get_close_matches(parts[-1], list_optimizers(), n=5)
+        raise UserError(f"optim.name={optim.name}: not a timm optimizer"
+                        + (f"; similar: {', '.join(close)}" if close else "")) from None
+    kwargs: dict[str, Any] = {}
+    if info.has_momentum:
+        kwargs["momentum"] = float(optim.momentum)
+    if info.has_betas:
+        betas = tuple(float(b) for b in optim.betas)
+        if len(betas) != info.num_betas:
+            raise UserError(f"optim.betas={list(betas)}: the {parts[-1]} optimizer takes {info.num_betas} betas")
+        kwargs["betas"] = betas
+    return kwargs
 
 
 def resume_mismatch(own: dict[str, torch.Tensor], checkpoint: dict[str, Any], cfg: DictConfig | dict,
@@ -172,15 +199,9 @@ class PretrainModule(L.LightningModule):
         o = self.cfg.optim
         world = self.trainer.world_size if self._trainer is not None else 1
         self.peak_lr = peak_lr(self.cfg, world)
-        kwargs: dict[str, Any] = {}
-        name = str(o.name).lower()
-        if name in ("sgd", "nesterov", "momentum"):
-            kwargs["momentum"] = float(o.momentum)
-        elif "adam" in name or "lamb" in name:
-            kwargs["betas"] = tuple(o.betas)
         return create_optimizer_v2(
-            self, opt=name, lr=self.peak_lr, weight_decay=float(o.weight_decay),
-            filter_bias_and_bn=bool(o.no_decay_bias_norm), layer_decay=self.check_layer_decay(), **kwargs,
+            self, opt=str(o.name).lower(), lr=self.peak_lr, weight_decay=float(o.weight_decay),
+            filter_bias_and_bn=bool(o.no_decay_bias_norm), layer_decay=self.check_layer_decay(), **optimizer_kwargs(o),
         )
 
     def images_due(self) -> bool:
