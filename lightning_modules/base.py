@@ -132,7 +132,20 @@ class PretrainModule(L.LightningModule):
         if self.cfg.runtime.channels_last:
             self.to(memory_format=torch.channels_last)
         if self.cfg.runtime.compile:
-            self.backbone.compile()  # in place: state_dict keys stay timm's
+            for module in self.compile_targets():
+                module.compile()  # in place: state_dict keys stay as they are
+
+    def compile_targets(self) -> list[nn.Module]:
+        """The modules that ``runtime.compile`` compiles: those whose ``__call__`` the forward goes through
+        (compiling a module whose parts are called one by one would change nothing). Default: the backbone."""
+        return [self.backbone]
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (fnmatch patterns) timm's optimizer factory keeps out of weight decay: the
+        backbone's own list (a ViT's pos_embed / cls_token), under ``backbone.``. timm reads this from the
+        module it is given, the LightningModule, so without it the backbone's list would be lost."""
+        own = getattr(self.backbone, "no_weight_decay", None)
+        return {f"backbone.{name}" for name in own()} if callable(own) else set()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resuming: Lightning calls this after ``configure_model`` (every head built) and before it loads

@@ -55,6 +55,11 @@ class DetectionModule(FinetuneModule):
         self._drawn: list[tuple[Any, ...]] = []
 
     # ---- model ----------------------------------------------------------------------------------
+    def compile_targets(self) -> list[torch.nn.Module]:
+        """``runtime.compile`` compiles the backbone + FPN (the detector calls it; the FPN takes the
+        backbone's features through ``forward_intermediates``, never through the backbone's ``__call__``)."""
+        return [self.detector.backbone]
+
     def _set_size(self, training: bool) -> None:
         """Multi-scale training (a random short side from model.train_sizes per batch), one size at test."""
         self.detector.transform.min_size = self.train_sizes if training else (self.test_size,)

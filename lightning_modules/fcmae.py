@@ -39,7 +39,12 @@ class FCMAEModule(PretrainModule):
             p.requires_grad_(False)
 
     def no_weight_decay(self) -> set[str]:
-        return {f"fcmae.{name}" for name in self.fcmae.no_weight_decay()}
+        return super().no_weight_decay() | {f"fcmae.{name}" for name in self.fcmae.no_weight_decay()}
+
+    def compile_targets(self) -> list[torch.nn.Module]:
+        """``runtime.compile`` compiles the FCMAE model: it runs the backbone through its parts (stem,
+        stages), so the backbone's own ``__call__`` is never used."""
+        return [self.fcmae]
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None):
         return self.fcmae(images, mask)
