@@ -93,12 +93,17 @@ def _write_outputs(run_dir: Path, results: dict[str, Any], history: list[dict[st
 
 
 def _describe_data(entry: Entry, cfg: DictConfig) -> Any:
-    """The task's DataModule, with model.num_classes and data.class_names filled in from the data."""
+    """The task's DataModule, with model.num_classes and data.class_names filled in from the data (values
+    the config sets must agree with the data)."""
     datamodule = entry.datamodule_class().from_config(cfg)
     names = list(datamodule.class_names)
     known = cfg.model.get("num_classes")
     if known is not None and int(known) != len(names):
         raise UserError(f"model.num_classes={known} but the dataset has {len(names)} classes ({', '.join(names[:12])})")
+    given = cfg.data.get("class_names")
+    if given is not None and list(given) != names:
+        raise UserError(f"data.class_names={list(given)} but the dataset's classes are {names} (in this order); "
+                        "set data.class_names=null to take them from the data")
     _set(cfg, "model.num_classes", len(names))
     _set(cfg, "data.class_names", names)
     return datamodule

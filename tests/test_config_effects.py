@@ -14,7 +14,7 @@ from torch._dynamo.utils import counters
 
 from cheaplunch.config import BASE_CONFIG, load_config
 from cheaplunch.errors import UserError
-from cheaplunch.finetune import run_finetune
+from cheaplunch.finetune import _describe_data, run_finetune
 from cheaplunch.pretrain import run_pretraining
 from cheaplunch.registry import METHODS, TASKS
 from lightning_modules.base import PretrainModule
@@ -133,3 +133,18 @@ def test_options_that_cannot_act_fail_before_the_data_is_read(tmp_path, run, ove
             run_pretraining(run, data=NO_DATA, logger="none", out=tmp_path, overrides=overrides)
         else:
             run_finetune(run, data=NO_DATA, logger="none", out=tmp_path, overrides=overrides)
+
+
+# ------------------------------------------------------------------------------------------ data.class_names
+def test_class_names_set_by_the_user_must_match_the_data(tiny_embedded):
+    entry = TASKS["classification"]
+    cfg = load_config(entry.config_path, None, [f"data.root={tiny_embedded}"])
+    names = list(_describe_data(entry, cfg).class_names)  # null: taken from the data
+    assert list(cfg.data.class_names) == names and len(names) > 1
+    agreeing = load_config(entry.config_path, None, [f"data.root={tiny_embedded}"])
+    agreeing.data.class_names = names
+    _describe_data(entry, agreeing)
+    swapped = load_config(entry.config_path, None, [f"data.root={tiny_embedded}"])
+    swapped.data.class_names = [names[1], names[0], *names[2:]]
+    with pytest.raises(UserError, match="data.class_names=.* but the dataset's classes are"):
+        _describe_data(entry, swapped)
