@@ -13,12 +13,11 @@ whose ``IntermediateLayerGetter`` only handles models whose stages are direct ch
 Normalisation of the backbone (``norm``): ``frozen_bn`` (default for detection, as in Detectron/
 torchvision: BN statistics and affine fixed, torchvision ``FrozenBatchNorm2d``), ``bn`` (trained),
 ``syncbn`` (``nn.SyncBatchNorm``, statistics over all GPUs) or ``gn`` (GroupNorm, the from-scratch
-recipe of He et al., "Rethinking ImageNet Pre-training", 2019).
+recipe of He et al., "Rethinking ImageNet Pre-training", 2019). Only BatchNorm layers are converted.
 """
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -64,10 +63,16 @@ def _frozen_copy(bn: nn.BatchNorm2d) -> nn.Module:
     return frozen
 
 
-def _group_norm_copy(bn: nn.BatchNorm2d, groups: int) -> nn.Module:
-    """GroupNorm with the BN's affine parameters (its statistics have no GroupNorm counterpart)."""
-    g = math.gcd(groups, bn.num_features)
-    gn = nn.GroupNorm(g, bn.num_features, eps=bn.eps, affine=True)
+def _group_norm_copy(bn: nn.BatchNorm2d, groups: int, name: str) -> nn.Module:
+    """GroupNorm with the BN's affine parameters (its statistics have no GroupNorm counterpart). A channel
+    count that `groups` does not divide is a UserError naming the layer `name` (no silent other group count)."""
+    channels = bn.num_features
+    if channels % groups:
+        fits = max(g for g in range(1, min(groups, channels) + 1) if channels % g == 0)
+        raise UserError(f"model.norm=gn: layer {name} has {channels} channels, not divisible by model.gn_groups="
+                        f"{groups}; set a gn_groups that divides every BatchNorm layer's channel count (the largest "
+                        f"that divides this layer's is {fits})")
+    gn = nn.GroupNorm(groups, channels, eps=bn.eps, affine=True)
     if bn.affine:
         with torch.no_grad():
             gn.weight.copy_(bn.weight)
@@ -80,6 +85,8 @@ def _group_norm_copy(bn: nn.BatchNorm2d, groups: int) -> nn.Module:
 def convert_norm(module: nn.Module, norm: str, gn_groups: int = 32) -> nn.Module:
     """Replace the BatchNorm layers of `module` in place (children) according to `norm`; returns it.
 
+    Only BatchNorm layers change: other norm layers (a ConvNeXt's LayerNorms, GroupNorm) are left as they
+    are, whatever `norm` says. With ``gn``, `gn_groups` must divide every BatchNorm layer's channel count.
     Call it after loading the pre-trained weights: frozen BN keeps the loaded statistics."""
     if norm not in NORMS:
         raise UserError(f"model.norm must be one of {', '.join(NORMS)}, got '{norm}'")
@@ -87,16 +94,19 @@ def convert_norm(module: nn.Module, norm: str, gn_groups: int = 32) -> nn.Module
         return module
     if norm == "syncbn":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if norm == "gn" and gn_groups < 1:
+        raise UserError(f"model.gn_groups must be >= 1, got {gn_groups}")
 
-    def swap(parent: nn.Module) -> None:
+    def swap(parent: nn.Module, prefix: str) -> None:
         for name, child in parent.named_children():
             if isinstance(child, (nn.BatchNorm2d, nn.SyncBatchNorm)):
-                new = _frozen_copy(child) if norm == "frozen_bn" else _group_norm_copy(child, gn_groups)
+                new = (_frozen_copy(child) if norm == "frozen_bn"
+                       else _group_norm_copy(child, gn_groups, prefix + name))
                 setattr(parent, name, new)
             else:
-                swap(child)
+                swap(child, f"{prefix}{name}.")
 
-    swap(module)
+    swap(module, "")
     return module
 
 

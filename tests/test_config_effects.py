@@ -5,11 +5,13 @@ that the error comes before any data is read."""
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from types import SimpleNamespace
 
 import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from torch._dynamo.utils import counters
 
 from cheaplunch.config import BASE_CONFIG, load_config
@@ -18,6 +20,7 @@ from cheaplunch.finetune import _describe_data, run_finetune
 from cheaplunch.pretrain import run_pretraining
 from cheaplunch.registry import METHODS, TASKS
 from lightning_modules.base import PretrainModule
+from models.detectors import convert_norm
 
 NO_DATA = "/nonexistent/cheaplunch-test-data"
 
@@ -148,3 +151,17 @@ def test_class_names_set_by_the_user_must_match_the_data(tiny_embedded):
     swapped.data.class_names = [names[1], names[0], *names[2:]]
     with pytest.raises(UserError, match="data.class_names=.* but the dataset's classes are"):
         _describe_data(entry, swapped)
+
+
+# ------------------------------------------------------------------------------------------ model.norm=gn
+def test_group_norm_needs_groups_that_divide_the_channels():
+    def model() -> nn.Module:
+        return nn.Sequential(OrderedDict(stem=nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 24, 3),
+                                                                        bn=nn.BatchNorm2d(24)))))
+
+    with pytest.raises(UserError, match=r"layer stem.bn has 24 channels, not divisible by model.gn_groups=32.* is 24"):
+        convert_norm(model(), "gn", 32)
+    with pytest.raises(UserError, match="layer stem.bn has 24 channels.* is 12"):
+        convert_norm(model(), "gn", 16)
+    norm = convert_norm(model(), "gn", 8).stem.bn
+    assert isinstance(norm, nn.GroupNorm) and norm.num_groups == 8
