@@ -31,6 +31,7 @@ from lightning_modules.finetune_base import IMAGENET_MEAN, IMAGENET_STD, overlay
 from models.export import DECODER_FILE
 from models.pixel_contrastive import (
     FORMULATIONS,
+    IGNORE_INDEX,
     LOSSES,
     SAMPLING,
     cross_image_loss,
@@ -74,7 +75,7 @@ class ContrastiveModule(PretrainModule):
 
     def loss_kwargs(self) -> dict[str, Any]:
         m = self.cfg.model
-        return dict(temperature=float(m.temperature), ignore_index=int(m.ignore_index), formulation=str(m.formulation),
+        return dict(temperature=float(m.temperature), ignore_index=IGNORE_INDEX, formulation=str(m.formulation),
                     chunk_size=None if m.chunk_size is None else int(m.chunk_size),
                     max_pixels=None if m.max_pixels is None else int(m.max_pixels), sampling=str(m.sampling))
 
@@ -112,14 +113,14 @@ class ContrastiveModule(PretrainModule):
         else:
             loss = pixel_contrastive_loss(kind, f, fd, labels, **kw)
         self._maybe_log_images(batch, labels)
-        valid = (labels != int(self.cfg.model.ignore_index)).float().mean()
+        valid = (labels != IGNORE_INDEX).float().mean()
         return {"loss": loss, f"loss_{kind}": loss.detach(), "valid_pixels": valid}
 
     def _maybe_log_images(self, batch: DistortedBatch, labels: torch.Tensor) -> None:
         if not self.images_due():
             return
         n = min(int(self.cfg.logging.num_images), batch.images.shape[0])
-        valid = batch.labels[batch.labels != int(self.cfg.model.ignore_index)]
+        valid = batch.labels[batch.labels != IGNORE_INDEX]
         k = int(valid.max()) + 1 if valid.numel() else 2
         panels = []
         for i in range(n):

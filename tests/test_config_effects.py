@@ -138,6 +138,13 @@ def test_options_that_cannot_act_fail_before_the_data_is_read(tmp_path, run, ove
             run_finetune(run, data=NO_DATA, logger="none", out=tmp_path, overrides=overrides)
 
 
+# ------------------------------------------------------------------------------------------ contrastive
+def test_contrastive_has_no_ignore_index_to_set():
+    # 255 is the void / padding label of the data (datamodules.segmentation); another value could not act
+    with pytest.raises(UserError, match="unknown config key 'model.ignore_index'"):
+        load_config(METHODS["contrastive"].config_path, None, ["model.ignore_index=0"])
+
+
 # ------------------------------------------------------------------------------------------ data.class_names
 def test_class_names_set_by_the_user_must_match_the_data(tiny_embedded):
     entry = TASKS["classification"]
