@@ -184,7 +184,7 @@ def run_finetune(
     decoder_kwargs, decoder_note = _pretrained_decoder(entry.module_class(), cfg, source)
     if decoder_note:
         notes.append(decoder_note)
-    job = apply_slurm_environment(cfg, devices=devices, num_nodes=num_nodes)
+    job = apply_slurm_environment(cfg)
     run_dir = Path(out or default_run_dir(f"finetune_{task}", job)).resolve()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = _describe_data(entry, cfg)

@@ -43,7 +43,7 @@ def run_pretraining(
     if logger is not None:
         cfg.logging.logger = logger
     check_config(cfg)
-    job = apply_slurm_environment(cfg, devices=devices, num_nodes=num_nodes)
+    job = apply_slurm_environment(cfg)
     run_dir = (out or default_run_dir(method, job)).resolve()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = entry.datamodule_class().from_config(cfg)

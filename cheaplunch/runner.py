@@ -40,13 +40,14 @@ def default_run_dir(name: str, job: slurm.SlurmJob | None = None) -> Path:
     return REPO_ROOT / "runs" / (f"{name}-{job.job_id}" if job is not None else name)
 
 
-def apply_slurm_environment(cfg: DictConfig, *, devices: int | None, num_nodes: int | None) -> slurm.SlurmJob | None:
-    """Under SLURM: take trainer.devices / num_nodes from the job (explicit --devices / --num-nodes must
-    agree) and make sure MASTER_ADDR is set. Returns the job, or None outside SLURM."""
+def apply_slurm_environment(cfg: DictConfig) -> slurm.SlurmJob | None:
+    """Under SLURM: take trainer.devices / num_nodes from the job (a value the config sets, by a YAML,
+    key=value or --devices / --num-nodes, must agree) and make sure MASTER_ADDR is set. Returns the job,
+    or None outside SLURM."""
     job = slurm.detect()
     if job is None:
         return None
-    for key, value in slurm.trainer_overrides(job, devices, num_nodes).items():
+    for key, value in slurm.trainer_overrides(job, cfg.trainer.devices, cfg.trainer.num_nodes).items():
         cfg.trainer[key] = value
     slurm.ensure_master_addr(job)
     rank_zero_info(f"SLURM job {job.job_id}: {job.num_nodes} node(s) x {job.tasks_per_node} task(s)")
@@ -130,7 +131,10 @@ def apply_cli_overrides(overrides: list[str], **options: Any) -> list[str]:
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback], logger: Logger | bool) -> L.Trainer:
     torch.set_float32_matmul_precision(str(cfg.runtime.matmul_precision))
     trainer_kwargs = to_dict(cfg.trainer)
-    processes = int(trainer_kwargs.get("devices", 1) or 1) * int(trainer_kwargs.get("num_nodes", 1) or 1)
+    for key in ("devices", "num_nodes"):  # null: not set (under SLURM: the job's, see apply_slurm_environment)
+        if trainer_kwargs.get(key) is None:
+            trainer_kwargs[key] = 1
+    processes = int(trainer_kwargs["devices"]) * int(trainer_kwargs["num_nodes"])
     if processes > 1 and trainer_kwargs.get("strategy") == "auto":
         trainer_kwargs["strategy"] = "ddp"  # not Lightning's spawn-based default on CPU
     plugins = []

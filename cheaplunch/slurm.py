@@ -2,7 +2,8 @@
 
 Under `srun`, each task is one process (one GPU): Lightning's SLURMEnvironment reads the ranks from
 SLURM_PROCID / SLURM_LOCALID / SLURM_NODEID and requires `devices == --ntasks-per-node` and
-`num_nodes == SLURM_NNODES`; we take both from the environment instead of asking the user to repeat them.
+`num_nodes == SLURM_NNODES`; we take both from the environment instead of asking the user to repeat them
+(``trainer.devices`` / ``num_nodes`` default to null; a value set anyway must agree with the job).
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def detect(env: Mapping[str, str] | None = None) -> SlurmJob | None:
 
 
 def trainer_overrides(job: SlurmJob, devices: int | None, num_nodes: int | None) -> dict[str, int]:
-    """`trainer.devices` / `trainer.num_nodes` for this job. Values the user passed explicitly must agree."""
+    """`trainer.devices` / `trainer.num_nodes` for this job. `devices` / `num_nodes` are the config's values
+    (a YAML, key=value or --devices / --num-nodes; None = not set): a value that is set must agree with the
+    job, since the job's would silently replace it."""
     if job.num_tasks != job.num_nodes * job.tasks_per_node:
         raise UserError(
             f"SLURM job {job.job_id}: {job.num_tasks} tasks on {job.num_nodes} nodes is not the same number per node; "
@@ -73,8 +76,9 @@ def trainer_overrides(job: SlurmJob, devices: int | None, num_nodes: int | None)
                                        ("num_nodes", num_nodes, job.num_nodes, "--nodes")):
         if given is not None and int(given) != derived:
             raise UserError(
-                f"trainer.{name}={given} disagrees with the SLURM job ({flag}={derived}); drop the option, it is "
-                f"read from SLURM (hint: #SBATCH --ntasks-per-node must equal the GPUs per node)")
+                f"trainer.{name}={given} disagrees with the SLURM job ({flag}={derived}); remove it (option, "
+                f"key=value or --config file) or set trainer.{name}=null: under SLURM it is read from the job "
+                f"(hint: #SBATCH --ntasks-per-node must equal the GPUs per node)")
     return {"devices": job.tasks_per_node, "num_nodes": job.num_nodes}
 
 

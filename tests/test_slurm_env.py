@@ -5,9 +5,10 @@ import pytest
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
 
-from cheaplunch import slurm
-from cheaplunch.config import BASE_CONFIG
+from cheaplunch import CONFIG_DIR, slurm
+from cheaplunch.config import BASE_CONFIG, load_config
 from cheaplunch.errors import UserError
+from cheaplunch.registry import METHODS
 from cheaplunch.runner import apply_slurm_environment, default_run_dir
 
 JOB = {"SLURM_NTASKS": "8", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "4", "SLURM_JOB_ID": "123456",
@@ -50,12 +51,39 @@ def test_lightning_sees_the_same_ranks(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "")  # unset for the code; restored after the test (it writes os.environ)
     monkeypatch.setattr(slurm.socket, "gethostbyname", lambda host: "10.0.0.7")
     cfg = OmegaConf.load(BASE_CONFIG)
-    job = apply_slurm_environment(cfg, devices=None, num_nodes=None)
+    job = apply_slurm_environment(cfg)
     assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (4, 2)
     env = SLURMEnvironment()
     assert (env.world_size(), env.global_rank(), env.local_rank(), env.node_rank()) == (8, 5, 1, 1)
     assert env.main_address == "gpu07"  # MASTER_ADDR set to the first host
     assert default_run_dir("montage", job).name == "montage-123456"  # stable across requeues
+
+
+def _in_job(monkeypatch) -> None:
+    for key, value in JOB.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.7")
+
+
+@pytest.mark.parametrize("user_yaml, overrides, message", [
+    (CONFIG_DIR / "montage_paper.yaml", [], r"trainer.devices=8 disagrees with the SLURM job \(--ntasks-per-node=4\)"),
+    (None, ["trainer.devices=1"], r"trainer.devices=1 disagrees with the SLURM job \(--ntasks-per-node=4\)"),
+    (None, ["trainer.num_nodes=1"], r"trainer.num_nodes=1 disagrees with the SLURM job \(--nodes=2\)"),
+])
+def test_config_values_that_disagree_with_the_job_are_errors(monkeypatch, user_yaml, overrides, message):
+    """A YAML or key=value setting is not silently replaced by the job's value (as --devices is not)."""
+    _in_job(monkeypatch)
+    cfg = load_config(METHODS["montage"].config_path, user_yaml, overrides)
+    with pytest.raises(UserError, match=message):
+        apply_slurm_environment(cfg)
+
+
+def test_config_values_that_agree_with_the_job_or_are_unset_pass(monkeypatch):
+    _in_job(monkeypatch)
+    for overrides in ([], ["trainer.devices=4", "trainer.num_nodes=2"]):
+        cfg = load_config(METHODS["montage"].config_path, None, overrides)
+        apply_slurm_environment(cfg)
+        assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (4, 2)
 
 
 def test_unresolvable_master_host_fails_early(monkeypatch):
