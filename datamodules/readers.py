@@ -95,7 +95,7 @@ class CocoDataset:
     images: list[CocoImage]
     category_ids: list[int]  # sorted; index = contiguous label
     class_names: list[str]
-    coco: COCO  # the original annotations (unclipped), for masks and evaluation
+    coco: COCO  # the kept annotations (boxes clipped, degenerate ones dropped, crowd kept as crowd): masks, evaluation
 
     @property
     def num_classes(self) -> int:
@@ -129,6 +129,31 @@ def _int(value: Any, what: str, ann_file: Path) -> int:
     return int(value)
 
 
+def _evaluation_annotation(ann: dict[str, Any], box: list[float], crowd: bool, clipped: bool,
+                           width: int, height: int) -> dict[str, Any]:
+    """The annotation as evaluation sees it: the clipped box, ``iscrowd`` 0/1, and an ``area`` (COCOeval sorts
+    objects into small / medium / large by it): the file's own, capped at the box when the box was clipped;
+    the mask's pixel count when the file has none, else the box's."""
+    out = {**ann, "bbox": box, "iscrowd": int(crowd)}
+    area = ann.get("area")
+    if isinstance(area, bool) or not isinstance(area, (int, float)) or not math.isfinite(area) or area <= 0:
+        area = box[2] * box[3]
+        if ann.get("segmentation"):
+            from pycocotools import mask as mask_utils
+
+            try:
+                seg = ann["segmentation"]
+                rle = (mask_utils.merge(mask_utils.frPyObjects(seg, height, width)) if isinstance(seg, list)
+                       else mask_utils.frPyObjects(seg, height, width) if isinstance(seg.get("counts"), list) else seg)
+                area = float(mask_utils.area(rle))
+            except (TypeError, ValueError, KeyError, AttributeError, IndexError):
+                pass  # an unreadable mask is reported where masks are read; the box area will do here
+    elif clipped:
+        area = min(float(area), box[2] * box[3])
+    out["area"] = float(area)
+    return out
+
+
 def load_coco(
     ann_file: str | Path,
     image_dir: str | Path,
@@ -139,7 +164,10 @@ def load_coco(
     """Read a COCO instances JSON. Category ids are mapped to contiguous labels in sorted id order;
     boxes are clipped to the image and degenerate ones dropped (one ``DataWarning`` with the counts);
     images without annotations are kept (negatives); ``iscrowd`` annotations are left out of
-    ``images[i].boxes`` unless ``keep_crowd`` (they stay in ``coco`` for evaluation)."""
+    ``images[i].boxes`` unless ``keep_crowd`` (they stay in ``coco`` for evaluation, as crowd regions).
+
+    ``coco`` (pycocotools) holds exactly the annotations the loader kept, with the clipped boxes: the ground
+    truth that evaluation scores against, so a box dropped here is not counted as a missed detection there."""
     ann_file, image_dir = Path(ann_file), Path(image_dir)
     if not ann_file.is_file():
         raise DataError(f"annotation file not found: {ann_file}")
@@ -180,6 +208,7 @@ def load_coco(
         metas[iid] = (str(file_name), w, h)
 
     per_image: dict[int, list[tuple[list[float], int, int]]] = {iid: [] for iid in metas}
+    kept: list[dict[str, Any]] = []  # what evaluation scores against: every box the loader keeps, crowd included
     seen_ann: set[int] = set()
     n_clipped = n_dropped = 0
     for i, ann in enumerate(data["annotations"]):
@@ -198,8 +227,6 @@ def load_coco(
         if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
             raise DataError(f"{ann_file}: {where} (id {aid}) bbox must be 4 numbers [x, y, w, h], got {bbox!r}")
-        if ann.get("iscrowd", 0) and not keep_crowd:
-            continue
         _, width, height = metas[iid]
         x, y, w, h = (float(v) for v in bbox)
         if not all(math.isfinite(v) for v in (x, y, w, h)):
@@ -210,9 +237,14 @@ def load_coco(
         if x1 - x0 <= 0 or y1 - y0 <= 0:
             n_dropped += 1
             continue
-        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
-            n_clipped += 1
-        per_image[iid].append(([x0, y0, x1 - x0, y1 - y0], cid, aid))
+        clipped = (x0, y0, x1, y1) != (x, y, x + w, y + h)
+        n_clipped += clipped
+        box = [x0, y0, x1 - x0, y1 - y0]
+        crowd = bool(ann.get("iscrowd", 0))
+        kept.append(_evaluation_annotation(ann, box, crowd, clipped, width, height))
+        if crowd and not keep_crowd:
+            continue
+        per_image[iid].append((box, cid, aid))
 
     images = []
     for iid, (file_name, width, height) in metas.items():
@@ -244,7 +276,7 @@ def load_coco(
     from pycocotools.coco import COCO
 
     coco = COCO()
-    coco.dataset = data
+    coco.dataset = {**data, "annotations": kept}
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return CocoDataset(ann_file, image_dir, images, category_ids, [names[c] for c in category_ids], coco)

@@ -5,12 +5,15 @@ and the labelled subsets (deterministic, nested)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_utils
 from torchmetrics.classification import MulticlassJaccardIndex
 
+from cheaplunch.errors import DataWarning
 from datamodules.finetune_common import labelled_subset
 from datamodules.readers import load_coco
 from models.evaluation import (
@@ -75,6 +78,27 @@ def test_coco_eval_restricted_to_evaluated_images(val_coco):
     only_first = [r for r in _gt_as_predictions(val_coco) if r["image_id"] == first.id]
     assert coco_evaluate(val_coco.coco, only_first, "bbox", image_ids=[first.id])["AP"] == pytest.approx(1.0)
     assert coco_evaluate(val_coco.coco, only_first, "bbox")["AP"] < 1.0
+
+
+def test_coco_ap_scores_only_the_boxes_the_loader_kept(tiny_embedded, tmp_path):
+    """Issue #14: NaN, negative-width, zero-width and outside boxes that load_coco drops, and a box it clips,
+    are not scored as missed objects: the kept boxes as detections give AP 1.000 exactly (was 0.826)."""
+    data = json.loads((tiny_embedded / "annotations" / "instances_val.json").read_text())
+    image = data["images"][0]
+    cat = data["categories"][0]["id"]
+    next_id = max(a["id"] for a in data["annotations"]) + 1
+    degenerate = [[10, 10, 0, 20], [10, 10, -5, 20], [image["width"] + 5, 10, 10, 10], [float("nan"), 1, 2, 3]]
+    for k, box in enumerate(degenerate):
+        data["annotations"].append({"id": next_id + k, "image_id": image["id"], "category_id": cat, "bbox": box,
+                                    "area": 100.0, "iscrowd": 0})
+    first = next(a for a in data["annotations"] if a["image_id"] == image["id"])
+    first["bbox"] = [first["bbox"][0] - 40, first["bbox"][1], first["bbox"][2] + 40, first["bbox"][3]]  # clipped
+    ann = tmp_path / "instances_val.json"
+    ann.write_text(json.dumps(data))
+    with pytest.warns(DataWarning, match="clipped 1 boxes, dropped 4 degenerate boxes"):
+        ds = load_coco(ann, tiny_embedded / "images" / "val")
+    perfect = coco_evaluate(ds.coco, _gt_as_predictions(ds), "bbox")
+    assert perfect["AP"] == 1.0 and perfect["AP50"] == 1.0 and perfect["AP75"] == 1.0
 
 
 def test_miou_against_hand_computed_confusion_matrix():

@@ -100,7 +100,11 @@ def test_load_coco_maps_ids_clips_drops_and_keeps_negatives(tmp_path):
     np.testing.assert_array_equal(b.ann_ids, [16])  # outside, zero-area and crowd boxes are gone
     neg = by_id[7]
     assert neg.boxes.shape == (0, 4) and neg.labels.shape == (0,) and neg.ann_ids.dtype == np.int64
-    assert set(ds.coco.getAnnIds()) == {10, 11, 12, 13, 14, 15, 16}  # evaluation sees the original file
+    # evaluation sees what the loader kept: clipped boxes, the crowd region as crowd, no degenerate box
+    assert set(ds.coco.getAnnIds()) == {10, 11, 12, 15, 16}
+    assert ds.coco.anns[11]["bbox"] == [90, 40, 10, 10] and ds.coco.anns[12]["bbox"] == [0, 0, 6, 6]
+    assert ds.coco.anns[15]["iscrowd"] == 1 and ds.coco.anns[12]["iscrowd"] == 0
+    assert ds.coco.anns[12]["area"] == 36  # no area in the file: the (clipped) box's
 
 
 def test_load_coco_keep_crowd_and_no_warning_when_clean(tmp_path):
@@ -115,6 +119,19 @@ def test_load_coco_keep_crowd_and_no_warning_when_clean(tmp_path):
     np.testing.assert_array_equal(b.ann_ids, [1, 2])
     np.testing.assert_allclose(b.boxes[1], [2, 2, 5.5, 5])
 
+
+
+def test_load_coco_evaluation_area_from_the_mask_when_the_file_has_none(tmp_path):
+    """COCOeval needs an 'area' (small / medium / large) and 'iscrowd' on every ground-truth object."""
+    ann = _coco(tmp_path, annotations=[
+        {"id": 1, "image_id": 2, "category_id": 1, "bbox": [0, 0, 4, 4], "segmentation": [[0, 0, 4, 0, 4, 4, 0, 4]]},
+        {"id": 2, "image_id": 2, "category_id": 1, "bbox": [0, 0, 4, 4], "area": 7, "iscrowd": 0},
+        {"id": 3, "image_id": 2, "category_id": 1, "bbox": [30, 30, 20, 20], "area": 300, "iscrowd": 0},  # clipped
+    ])
+    with pytest.warns(DataWarning, match="clipped 1 boxes"):
+        ds = R.load_coco(ann, tmp_path / "images")
+    assert [ds.coco.anns[i]["area"] for i in (1, 2, 3)] == [16, 7, 100]
+    assert [ds.coco.anns[i]["iscrowd"] for i in (1, 2, 3)] == [0, 0, 0]
 
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not valid JSON"),
