@@ -574,6 +574,8 @@ def write_preview(root: str | Path, out_png: str | Path, split: str = "train", c
     its semantic label PNG (colour per class, white = 255 ignore)."""
     from pycocotools.coco import COCO
 
+    from datamodules.readers import read_image
+
     root = Path(root)
     with contextlib.redirect_stdout(None):
         coco = COCO(str(root / "annotations" / f"instances_{split}.json"))
@@ -581,7 +583,7 @@ def write_preview(root: str | Path, out_png: str | Path, split: str = "train", c
     tiles = []
     for img_id in sorted(coco.getImgIds())[:count]:
         info = coco.loadImgs(img_id)[0]
-        img = cv2.cvtColor(cv2.imread(str(root / "images" / split / info["file_name"])), cv2.COLOR_BGR2RGB)
+        img = read_image(root / "images" / split / info["file_name"])
         sem = cv2.imread(str(root / "masks" / split / (Path(info["file_name"]).stem + ".png")), cv2.IMREAD_UNCHANGED)
         anns = coco.loadAnns(coco.getAnnIds(imgIds=img_id))
         boxes = img.copy()

@@ -32,7 +32,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 # ------------------------------------------------------------------------------------------ images
 def read_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to an HxWx3 uint8 RGB array (grey, palette, RGBA and CMYK are converted).
+    """Decode an image file to an HxWx3 uint8 RGB array: THE image reader of every DataModule.
+
+    Grey, palette, RGBA and CMYK are converted; high bit depths are scaled to 8 bits, not clipped:
+    16-bit grey (PIL modes ``I;16``, ``I;16B``, and ``I`` with values in 0..65535) as round(v * 255 / 65535),
+    float (``F``) in [0, 1] as round(v * 255); 16-bit colour, which PIL decodes to 8 bits itself, or files
+    PIL cannot open at all go through OpenCV (``IMREAD_UNCHANGED``) with the same scaling. A value range
+    that cannot be mapped (negative, above 16 bits, float outside [0, 1]) is a ``DataError`` naming the file.
 
     EXIF orientation is not applied: annotations refer to the stored pixel grid."""
     path = Path(path)
@@ -41,9 +47,51 @@ def read_image(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()  # a truncated file fails here, not later
+            if im.mode in _HIGH_DEPTH_MODES:
+                return _to_rgb8(np.asarray(im), path)
             return np.asarray(im.convert("RGB"))
+    except Image.UnidentifiedImageError as exc:
+        pixels = _read_with_cv2(path)
+        if pixels is None:
+            raise DataError(f"{path}: cannot read image ({exc})") from exc
+        return pixels
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: cannot read image ({exc})") from exc
+
+
+# PIL modes of one channel of more than 8 bits, which convert("RGB") clips to 255 instead of scaling.
+_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _to_rgb8(arr: np.ndarray, path: Path) -> np.ndarray:
+    """An HxW or HxWxC (C = 1, 3, 4; RGB order) integer or float array -> HxWx3 uint8 RGB, range scaled."""
+    if arr.ndim == 3:
+        arr = arr[..., :3] if arr.shape[2] >= 3 else arr[..., 0]
+    if arr.dtype == np.uint8:
+        out = arr
+    elif arr.dtype.kind == "f":
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size and np.isfinite(arr).all() else (np.nan, np.nan)
+        if not (lo >= 0.0 and hi <= 1.0):
+            raise DataError(f"{path}: float image with values in [{lo:g}, {hi:g}]; expected [0, 1] (or save it as 8/16-bit)")
+        out = np.rint(arr.astype(np.float64) * 255.0).astype(np.uint8)
+    else:
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise DataError(f"{path}: integer image with values in [{lo}, {hi}]; expected 8 or 16 bits (0..65535)")
+        out = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535)
+    return np.ascontiguousarray(np.repeat(out[..., None], 3, axis=2) if out.ndim == 2 else out)
+
+
+def _read_with_cv2(path: Path) -> np.ndarray | None:
+    """What PIL cannot identify (e.g. some 16-bit colour TIFFs), through OpenCV; None if it cannot either."""
+    import cv2
+
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        return None
+    if arr.ndim == 3 and arr.shape[2] >= 3:
+        arr = arr[..., 2::-1]  # BGR(A) -> RGB
+    return _to_rgb8(arr, path)
 
 
 def read_label(path: str | Path) -> np.ndarray:
@@ -477,11 +525,8 @@ class SegmentationFolder:
 
 # ---------------------------------------------------------------------------------- ImageFolder
 def _checked_pil_loader(path: str) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read image ({exc})") from exc
+    """ImageFolder's loader, through ``read_image`` (one reader: 16-bit scaled, errors naming the file)."""
+    return Image.fromarray(read_image(path))
 
 
 def image_folder(root: str | Path, transform: Callable | None = None, **kwargs: Any):

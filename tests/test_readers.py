@@ -49,6 +49,50 @@ def test_read_image_formats_and_errors(tmp_path):
         R.read_image(tmp_path / "cut.jpg")
 
 
+
+def _gradient16(h=4, w=256) -> np.ndarray:
+    return (np.arange(w, dtype=np.uint16) * 257).reshape(1, w).repeat(h, 0)  # 0, 257, ..., 65535
+
+
+def test_read_image_scales_high_bit_depth_to_8_bits(tmp_path):
+    """Issue #14: a 16-bit grey PNG (PIL mode I;16) read as white (convert('RGB') clips at 255); it must
+    read as the same gradient in 8 bits, and every DataModule reads through read_image."""
+    g16 = _gradient16()
+    want = np.arange(256, dtype=np.uint8).reshape(1, 256).repeat(4, 0)
+    Image.fromarray(g16).save(tmp_path / "g16.png")
+    with Image.open(tmp_path / "g16.png") as im:
+        assert im.mode == "I;16"
+    got = R.read_image(tmp_path / "g16.png")
+    assert got.dtype == np.uint8 and got.shape == (4, 256, 3)
+    np.testing.assert_array_equal(got, np.repeat(want[..., None], 3, axis=2))
+    # big-endian 16-bit, 32-bit integer (I) holding 16-bit values, float (F) in [0, 1]
+    Image.frombytes("I;16B", (256, 4), g16.astype(">u2").tobytes()).save(tmp_path / "g16b.tif")
+    Image.fromarray(g16.astype(np.int32)).save(tmp_path / "i32.tif")
+    Image.fromarray(g16.astype(np.float32) / 65535).save(tmp_path / "f32.tif")
+    for name in ("g16b.tif", "i32.tif", "f32.tif"):
+        np.testing.assert_array_equal(R.read_image(tmp_path / name)[..., 0], want, err_msg=name)
+    # 16-bit colour (PIL reduces it to 8 bits itself) and a file only OpenCV decodes (float PFM)
+    import cv2
+
+    rgb16 = np.stack([g16, g16 // 2, 65535 - g16], axis=-1)
+    cv2.imwrite(str(tmp_path / "rgb16.png"), rgb16[..., ::-1].copy())
+    got = R.read_image(tmp_path / "rgb16.png")
+    np.testing.assert_allclose(got.astype(int), np.rint(rgb16 / 257).astype(int), atol=1)
+    cv2.imwrite(str(tmp_path / "rgb.pfm"), (rgb16[..., ::-1] / 65535).astype(np.float32))
+    np.testing.assert_allclose(R.read_image(tmp_path / "rgb.pfm").astype(int), np.rint(rgb16 / 257).astype(int), atol=1)
+    # ImageFolder (classification) goes through the same reader
+    (tmp_path / "folder" / "cls").mkdir(parents=True)
+    Image.fromarray(g16).save(tmp_path / "folder" / "cls" / "a.png")
+    sample, _ = R.image_folder(tmp_path / "folder")[0]
+    np.testing.assert_array_equal(np.asarray(sample)[..., 1], want)
+    # a range that cannot be mapped is an error naming the file, not a wrong picture
+    Image.fromarray(np.full((4, 4), 2.5, np.float32)).save(tmp_path / "hdr.tif")
+    with pytest.raises(DataError, match=r"hdr\.tif: float image with values in \[2\.5, 2\.5\]"):
+        R.read_image(tmp_path / "hdr.tif")
+    Image.fromarray(np.full((4, 4), -3, np.int32)).save(tmp_path / "neg.tif")
+    with pytest.raises(DataError, match=r"neg\.tif: integer image"):
+        R.read_image(tmp_path / "neg.tif")
+
 # ------------------------------------------------------------------------------------------- COCO
 def _coco(tmp_path: Path, images=None, annotations=None, categories=None, make_files=True) -> Path:
     images = images if images is not None else [
