@@ -433,29 +433,37 @@ def find_segmentation_pairs(root: str | Path, split: str) -> list[tuple[Path, Pa
     return pairs
 
 
-def segmentation_class_names(root: str | Path) -> list[str]:
-    """Class names indexed by label value. Project layout: ``classes.txt`` (one name per line) if
-    present, else ``background`` + the categories of ``annotations/instances_*.json`` when their ids
-    are 1..C (as in the embedded dataset)."""
+def segmentation_class_names(root: str | Path) -> list[str] | None:
+    """Class names indexed by label value. VOC and Cityscapes: their own. Any other folder (project layout,
+    a dataset YAML's folder): ``classes.txt`` (one name per line) if present, else ``background`` + the
+    categories of ``annotations/instances_*.json`` when their ids are 1..C (as in the embedded dataset);
+    None when neither tells. A file that is there but cannot be read (a truncated JSON, categories
+    without ids) is a ``DataError`` naming it, not "unknown classes"."""
     root = Path(root)
-    layout = segmentation_layout(root)
-    if layout == "voc":
+    if _voc_root(root) is not None:
         return list(VOC_CLASSES)
-    if layout == "cityscapes":
+    if (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
         return list(CITYSCAPES_CLASSES)
     classes_txt = root / "classes.txt"
     if classes_txt.is_file():
-        return [s.strip() for s in classes_txt.read_text().splitlines() if s.strip()]
+        try:
+            return [s.strip() for s in classes_txt.read_text().splitlines() if s.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"{classes_txt}: cannot read class names ({exc})") from exc
     for ann in sorted((root / "annotations").glob("instances_*.json")):
         try:
             cats = json.loads(ann.read_text())["categories"]
             ids = sorted(int(c["id"]) for c in cats)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DataError(f"{ann}: cannot read categories ({exc})") from exc
-        if ids == list(range(1, len(ids) + 1)):
             by_id = {int(c["id"]): str(c["name"]) for c in cats}
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{ann}: not valid JSON ({exc}); it names the segmentation classes "
+                            f"(or add {classes_txt}, one name per line)") from exc
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{ann}: cannot read its categories ({type(exc).__name__}: {exc}); they name the "
+                            f"segmentation classes (or add {classes_txt}, one name per line)") from exc
+        if ids == list(range(1, len(ids) + 1)):
             return ["background"] + [by_id[i] for i in ids]
-    raise DataError(f"{root}: cannot tell the class names; add {classes_txt} (one name per line, line k = label k)")
+    return None
 
 
 class SegmentationFolder:
@@ -496,8 +504,7 @@ class SegmentationFolder:
         layout = segmentation_layout(root)
         kwargs.setdefault("label_lut", CITYSCAPES_LUT if layout == "cityscapes" else None)
         if "class_names" not in kwargs:
-            with contextlib.suppress(DataError):
-                kwargs["class_names"] = segmentation_class_names(root)
+            kwargs["class_names"] = segmentation_class_names(root)
         return cls(pairs=find_segmentation_pairs(root, split), **kwargs)
 
     @staticmethod

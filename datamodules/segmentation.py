@@ -149,11 +149,7 @@ class SegmentationDataModule(L.LightningDataModule):
             if masks is None:
                 raise DataError(f"{paths.root}: no semantic label PNGs for '{split}' (expected masks/{split}/ "
                                 "or train_masks/val_masks in the dataset YAML)")
-            try:
-                names = segmentation_class_names(paths.root)
-            except DataError:
-                names = None
-            folder = SegmentationFolder(images, masks, class_names=names)
+            folder = SegmentationFolder(images, masks, class_names=segmentation_class_names(paths.root))
         self._folders[split] = folder
         return folder
 

@@ -289,6 +289,30 @@ def test_project_layout_on_the_embedded_dataset(tiny_embedded):
     assert R.segmentation_layout(tiny_embedded) == "project"
 
 
+
+def test_segmentation_class_names_name_the_broken_file(tiny_embedded, tmp_path):
+    """Issue #14: a truncated instances_*.json is reported as itself, not as "cannot tell the classes"."""
+    import shutil
+
+    root = tmp_path / "seg"
+    shutil.copytree(tiny_embedded, root)
+    assert R.segmentation_class_names(root) == ["background", *CLASSES]
+    ann = root / "annotations" / "instances_train.json"
+    ann.write_text(ann.read_text()[:300])
+    with pytest.raises(DataError, match=r"instances_train\.json: not valid JSON .*classes\.txt"):
+        R.segmentation_class_names(root)
+    with pytest.raises(DataError, match=r"instances_train\.json: not valid JSON"):
+        R.SegmentationFolder.from_root(root, "val")
+    ann.write_text(json.dumps({"categories": [{"name": "cat"}]}))
+    with pytest.raises(DataError, match=r"instances_train\.json: cannot read its categories \(KeyError"):
+        R.segmentation_class_names(root)
+    (root / "classes.txt").write_text("background\ncat\n")  # classes.txt wins: the JSON is not read
+    assert R.segmentation_class_names(root) == ["background", "cat"]
+    (root / "classes.txt").unlink()
+    shutil.rmtree(root / "annotations")
+    assert R.segmentation_class_names(root) is None  # nothing tells: the caller decides (model.num_classes)
+    assert R.SegmentationFolder.from_root(root, "val").class_names is None
+
 def test_segmentation_folder_errors_name_both_files(tmp_path):
     _save(tmp_path / "img" / "x.jpg", _rgb(20, 30))
     _save(tmp_path / "lbl" / "x.png", np.zeros((20, 31), np.uint8))
