@@ -17,6 +17,9 @@ Accepted:
       val_ann: annotations/val.json
       train_masks: masks/train      # optional
       val_masks: masks/val          # optional
+
+Pre-training (montage, FCMAE) reads only the train split: ``resolve_dataset(..., need_val=False)`` accepts
+a dataset without a val split (``val_images`` / ``val_ann`` are then None).
 """
 
 from __future__ import annotations
@@ -31,9 +34,9 @@ from cheaplunch.errors import UserError
 class DatasetPaths:
     root: Path
     train_images: Path
-    val_images: Path
+    val_images: Path | None  # None only with resolve_dataset(need_val=False) on a dataset without val
     train_ann: Path
-    val_ann: Path
+    val_ann: Path | None
     train_masks: Path | None
     val_masks: Path | None
 
@@ -41,6 +44,8 @@ class DatasetPaths:
 _PROJECT = ("images/train", "images/val", "annotations/instances_train.json", "annotations/instances_val.json")
 _COCO = ("train2017", "val2017", "annotations/instances_train2017.json", "annotations/instances_val2017.json")
 _YAML_REQUIRED = ("train_images", "val_images", "train_ann", "val_ann")
+_YAML_TRAIN = ("train_images", "train_ann")
+_YAML_VAL = ("val_images", "val_ann")
 _YAML_OPTIONAL = ("train_masks", "val_masks")
 
 
@@ -49,7 +54,7 @@ def _masks(root: Path, split: str) -> Path | None:
     return d if d.is_dir() else None
 
 
-def _from_yaml(path: Path) -> DatasetPaths:
+def _from_yaml(path: Path, need_val: bool = True) -> DatasetPaths:
     from omegaconf import OmegaConf
 
     try:
@@ -58,23 +63,26 @@ def _from_yaml(path: Path) -> DatasetPaths:
         raise UserError(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(spec, dict):
         raise UserError(f"{path}: expected a mapping with keys {', '.join(_YAML_REQUIRED + _YAML_OPTIONAL)}")
-    unknown = sorted(set(spec) - set(_YAML_REQUIRED + _YAML_OPTIONAL))
-    missing = [k for k in _YAML_REQUIRED if k not in spec]
+    required = _YAML_REQUIRED if need_val else _YAML_TRAIN
+    optional = _YAML_OPTIONAL + (() if need_val else _YAML_VAL)
+    unknown = sorted(set(spec) - set(required + optional))
+    missing = [k for k in required if k not in spec]
     if unknown or missing:
         raise UserError(f"{path}: missing keys {missing}, unknown keys {unknown}; "
-                        f"expected {', '.join(_YAML_REQUIRED)} and optionally {', '.join(_YAML_OPTIONAL)}")
+                        f"expected {', '.join(required)} and optionally {', '.join(optional)}")
     base = path.parent
     paths = {k: (base / str(v)) if spec.get(k) is not None else None for k, v in spec.items()}
     absent = [f"{k}: {p}" for k, p in paths.items() if p is not None and not p.exists()]
     if absent:
         raise UserError(f"{path}: these paths do not exist: {'; '.join(absent)}")
-    return DatasetPaths(root=base, train_masks=paths.get("train_masks"), val_masks=paths.get("val_masks"),
-                        **{k: paths[k] for k in _YAML_REQUIRED})
+    return DatasetPaths(root=base, **{k: paths.get(k) for k in _YAML_REQUIRED + _YAML_OPTIONAL})
 
 
-def resolve_dataset(root: str | Path | None, *, embedded_size: int = 300, seed: int = 0) -> DatasetPaths:
+def resolve_dataset(root: str | Path | None, *, embedded_size: int = 300, seed: int = 0,
+                    need_val: bool = True) -> DatasetPaths:
     """Resolve ``--data``; ``None`` builds (or reuses) the embedded dataset with ``embedded_size`` train
-    images and ``seed``. Anything unrecognised raises ``UserError`` listing what was expected and found."""
+    images and ``seed``. ``need_val=False`` (pre-training) also accepts a dataset with only its train split.
+    Anything unrecognised raises ``UserError`` listing what was expected and found."""
     if root is None:
         from cheaplunch import DEFAULT_DATA_DIR
         from datamodules.embedded import build_embedded
@@ -85,18 +93,22 @@ def resolve_dataset(root: str | Path | None, *, embedded_size: int = 300, seed: 
         raise UserError(f"dataset path not found: {root}")
     if root.is_file():
         if root.suffix.lower() in (".yaml", ".yml"):
-            return _from_yaml(root)
+            return _from_yaml(root, need_val)
         raise UserError(f"dataset path {root} is a file; give a dataset folder or a .yaml describing the splits")
-    project = [root / p for p in _PROJECT]
-    if all(p.exists() for p in project):
-        return DatasetPaths(root, *project, _masks(root, "train"), _masks(root, "val"))
-    coco = [root / p for p in _COCO]
-    if all(p.exists() for p in coco):
-        return DatasetPaths(root, *coco, None, None)
+    for layout, masks in ((_PROJECT, True), (_COCO, False)):
+        train_images, val_images, train_ann, val_ann = (root / p for p in layout)
+        if not (train_images.exists() and train_ann.exists()):
+            continue
+        if val_images.exists() and val_ann.exists():
+            return DatasetPaths(root, train_images, val_images, train_ann, val_ann,
+                                _masks(root, "train") if masks else None, _masks(root, "val") if masks else None)
+        if not need_val:
+            return DatasetPaths(root, train_images, None, train_ann, None, _masks(root, "train") if masks else None, None)
     found = sorted(str(p.relative_to(root)) + ("/" if p.is_dir() else "") for p in root.iterdir())
     found += sorted(f"annotations/{p.name}" for p in (root / "annotations").glob("*")) if (root / "annotations").is_dir() else []
     raise UserError(
         f"{root} is not a dataset folder I know. Expected either the project layout "
         f"({', '.join(_PROJECT)}; optional masks/train, masks/val) or COCO's layout ({', '.join(_COCO)}), "
-        f"or a .yaml naming the paths; found: {', '.join(found[:30]) or 'an empty folder'}"
+        f"or a .yaml naming the paths{'' if need_val else ' (the val split is optional here)'}; "
+        f"found: {', '.join(found[:30]) or 'an empty folder'}"
     )

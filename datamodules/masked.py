@@ -199,7 +199,8 @@ class MaskedDataModule(L.LightningDataModule):
     def _files(self) -> list[Path]:
         from datamodules.layout import resolve_dataset
 
-        return list_images(resolve_dataset(self.data_root, embedded_size=self.embedded_size, seed=self.seed).train_images)
+        paths = resolve_dataset(self.data_root, embedded_size=self.embedded_size, seed=self.seed, need_val=False)
+        return list_images(paths.train_images)
 
     def setup(self, stage: str | None = None) -> None:
         if self._train is None:

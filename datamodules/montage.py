@@ -671,7 +671,7 @@ class MontageDataModule(L.LightningDataModule):
     def _paths(self) -> Any:
         from datamodules.layout import resolve_dataset
 
-        return resolve_dataset(self.data_root, embedded_size=self.embedded_size, seed=self.seed)
+        return resolve_dataset(self.data_root, embedded_size=self.embedded_size, seed=self.seed, need_val=False)
 
     def _bank_settings_key(self, ann_file: str | os.PathLike) -> dict[str, Any]:
         return {**ann_file_fingerprint(ann_file), "seed": self.seed, "neg_ratio": self.neg_ratio,

@@ -385,6 +385,35 @@ def test_resolve_project_coco_yaml_and_unknown_layouts(tiny_embedded, tmp_path):
         resolve_dataset(tmp_path / "absent")
 
 
+def test_resolve_train_only_datasets_for_pretraining(tiny_embedded, tmp_path):
+    """Issue #14: montage / FCMAE read only the train split; a dataset without val is theirs to use."""
+    import shutil
+
+    proj = tmp_path / "proj"
+    (proj / "images").mkdir(parents=True)
+    (proj / "annotations").mkdir()
+    shutil.copytree(tiny_embedded / "images" / "train", proj / "images" / "train")
+    shutil.copy(tiny_embedded / "annotations" / "instances_train.json", proj / "annotations")
+    with pytest.raises(UserError, match="not a dataset folder I know"):
+        resolve_dataset(proj)  # fine-tuning still needs its val split
+    p = resolve_dataset(proj, need_val=False)
+    assert p.train_images == proj / "images" / "train" and p.val_images is None and p.val_ann is None
+    coco = tmp_path / "coco"
+    (coco / "train2017").mkdir(parents=True)
+    (coco / "annotations").mkdir()
+    (coco / "annotations" / "instances_train2017.json").write_text("{}")
+    p = resolve_dataset(coco, need_val=False)
+    assert p.train_ann.name == "instances_train2017.json" and p.val_images is None and p.train_masks is None
+    spec = tmp_path / "train_only.yaml"
+    spec.write_text("train_images: proj/images/train\ntrain_ann: proj/annotations/instances_train.json\n")
+    with pytest.raises(UserError, match=r"missing keys \['val_images', 'val_ann'\]"):
+        resolve_dataset(spec)
+    p = resolve_dataset(spec, need_val=False)
+    assert p.train_images == proj / "images" / "train" and p.val_ann is None
+    with pytest.raises(UserError, match="the val split is optional here"):
+        resolve_dataset(tmp_path / "coco" / "train2017", need_val=False)
+
+
 def test_resolve_none_builds_the_embedded_default(tmp_path, monkeypatch):
     monkeypatch.setattr(cheaplunch, "DEFAULT_DATA_DIR", tmp_path / "embedded")
     p = resolve_dataset(None, embedded_size=3, seed=2)
