@@ -24,7 +24,6 @@ conv, ``2.*`` BN); segmentation fine-tuning starts its head from it.
 from __future__ import annotations
 
 import contextlib
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 
 from cheaplunch.errors import UserError
-from models.export import DECODER_FILE, load_state_strict, read_backbone
+from models.export import DECODER_FILE, load_state_strict, load_weights, read_backbone
 
 SCRATCH = "scratch"
 # Prefixes a backbone's keys may carry in a Lightning checkpoint, tried in order. `backbone.` is where
@@ -68,15 +67,8 @@ class BackboneSource:
 
 
 def _torch_load(path: Path, what: str) -> Any:
-    """torch.load with weights_only=True and a one-line error naming the file."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: refused to load {what} with weights_only=True (it holds objects other "
-                        f"than tensors and plain containers: {first})") from exc
-    except Exception as exc:  # zip/EOF/corrupt-file errors come in several types
-        raise UserError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc})") from exc
+    """torch.load with weights_only=True and a one-line error naming the file (``models.export.load_weights``)."""
+    return load_weights(path, what)
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +34,43 @@ def export_backbone(backbone: nn.Module, arch: str, out_dir: Path | str, **meta:
     return out_dir / "backbone.pt"
 
 
+def load_weights(path: Path | str, what: str = "weights") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, or ONE line naming the file and saying why not:
+    refused for safety (it holds pickled Python objects, which weights_only=True does not run), or
+    unreadable (empty, truncated, corrupt, or not a torch file). Never torch's multi-line advice to retry
+    with weights_only=False."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found:
+            raise UserError(f"{path}: {what} refused for safety: it holds a pickled Python object ({found.group(1)}), "
+                            "which loading with weights_only=True does not run; re-save only its tensors (a state_dict)") from exc
+        raise UserError(f"{path}: {what} unreadable: not a torch weights file (corrupt, or another kind of file)") from exc
+    except EOFError as exc:
+        raise UserError(f"{path}: {what} unreadable: the file is empty") from exc
+    except Exception as exc:  # zip / corrupt-archive errors come in several types (RuntimeError, OSError, ...)
+        if _is_broken_zip(path):
+            detail = "truncated or corrupt zip archive"
+        else:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: {what} unreadable ({detail})") from exc
+
+
+def _is_broken_zip(path: Path) -> bool:
+    """The file starts like the zip archive torch.save writes, but has no readable end (cut short)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head == b"PK\x03\x04" and not zipfile.is_zipfile(path)
+
+
 def read_backbone(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read an exported backbone (the .pt file or the folder holding it) -> (state_dict, info)."""
+    """Read an exported backbone (the .pt file or the folder holding it) -> (state_dict, info). An error
+    names the file at fault: backbone.json (missing, not JSON, no 'arch') or backbone.pt (unreadable)."""
     path = Path(path)
     if path.is_dir():
         path = path / "backbone.pt"
@@ -43,11 +81,14 @@ def read_backbone(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, 
         raise UserError(f"{path}: missing {info_path.name} beside it (it names the architecture)")
     try:
         info = json.loads(info_path.read_text())
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"{path}: cannot read exported backbone ({exc})") from exc
-    if not isinstance(state, dict) or "arch" not in info:
-        raise UserError(f"{path}: not an exported backbone (expected a state_dict and an 'arch' in {info_path.name})")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{info_path}: cannot read the exported backbone's description ({exc}); it names the "
+                        f"architecture of {path.name}") from exc
+    if not isinstance(info, dict) or not isinstance(info.get("arch"), str):
+        raise UserError(f"{info_path}: not an exported backbone's description (expected a JSON object with an 'arch')")
+    state = load_weights(path, "exported backbone")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: not an exported backbone (expected a state_dict of tensors)")
     return state, info
 
 

@@ -45,8 +45,36 @@ def test_read_errors(tmp_path):
     with pytest.raises(UserError, match="backbone.json"):
         read_backbone(tmp_path)
     (tmp_path / "backbone.json").write_text('{"arch": "resnet18"}')
-    with pytest.raises(UserError, match="cannot read"):
+    with pytest.raises(UserError, match="backbone.pt: exported backbone unreadable: not a torch weights file") as err:
         read_backbone(tmp_path)
+    assert len(str(err.value).splitlines()) == 1 and "likely succeed" not in str(err.value)
+
+
+def test_read_errors_name_the_file_at_fault(tmp_path):
+    """Issue #14: a broken backbone.json beside a good backbone.pt is the JSON's problem; a garbage or
+    pickled-object .pt is refused / unreadable in one line, without torch's advice to drop weights_only."""
+    from models.export import load_weights
+
+    export_backbone(create_backbone("resnet18"), "resnet18", tmp_path)
+    (tmp_path / "backbone.json").write_text('{"arch": "resnet18",')
+    with pytest.raises(UserError, match=r"backbone\.json: cannot read the exported backbone's description"):
+        read_backbone(tmp_path)
+    (tmp_path / "backbone.json").write_text('["resnet18"]')
+    with pytest.raises(UserError, match=r"backbone\.json: not an exported backbone's description"):
+        read_backbone(tmp_path)
+    torch.save({"w": torch.zeros(1), "extra": torch.nn.Linear(1, 1)}, tmp_path / "object.pt")
+    cases = {"object.pt": "refused for safety: it holds a pickled Python object (torch.nn.modules.linear.Linear)",
+             "empty.pt": "unreadable: the file is empty", "text.pt": "unreadable: not a torch weights file",
+             "cut.pt": "unreadable (truncated or corrupt zip archive)"}
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "text.pt").write_bytes(b"garbage text")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "backbone.pt").read_bytes()[:5000])
+    for name, fragment in cases.items():
+        with pytest.raises(UserError) as err:
+            load_weights(tmp_path / name, "weights")
+        message = str(err.value)
+        assert message.startswith(f"{tmp_path / name}: weights {fragment}"), message
+        assert len(message.splitlines()) == 1 and "likely succeed" not in message
 
 
 def test_pretrained_fails_clearly_offline():
