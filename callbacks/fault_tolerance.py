@@ -12,12 +12,16 @@ command (or a SLURM requeue) continues exactly where the run stopped.
   epoch; its own SLURM handler saves from inside the signal handler, possibly mid-step. We use neither.)
 - Ctrl+C (KeyboardInterrupt) saves `last.ckpt` from Lightning's exception path.
 - A non-finite loss is *not* checkpointed: the last good checkpoint stays the newest one.
+- A `last.ckpt` that cannot be read back (a write cut short by a crash or a full disk) is refused before
+  training with one line that offers the newest intact `step*.ckpt` beside it (`check_resume_checkpoint`).
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
+import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -27,6 +31,46 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cheaplunch import slurm
+from cheaplunch.errors import UserError
+
+_STEP_CKPT = re.compile(r"step(\d+)(?:-v\d+)?\.ckpt")  # ModelCheckpoint's names (runner: filename="step{step:07d}")
+
+
+def is_intact_checkpoint(path: Path | str) -> bool:
+    """A whole torch checkpoint file: its zip archive's end record is there (a cut-short write lacks it).
+    Reads only the end of the file; whether the model fits is checked when it is loaded."""
+    return Path(path).is_file() and zipfile.is_zipfile(path)
+
+
+def newest_intact_step_checkpoint(directory: Path | str, exclude: Path | str | None = None) -> Path | None:
+    """The ``step*.ckpt`` in `directory` with the highest step that is intact (newest file first on a tie),
+    other than `exclude`; None if there is none."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    found = []
+    for path in directory.iterdir():
+        match = _STEP_CKPT.fullmatch(path.name)
+        if match and (exclude is None or path.resolve() != Path(exclude).resolve()):
+            found.append((int(match.group(1)), path.stat().st_mtime, path))
+    for _, _, path in sorted(found, reverse=True):
+        if is_intact_checkpoint(path):
+            return path
+    return None
+
+
+def check_resume_checkpoint(path: Path | str) -> None:
+    """A one-line UserError naming `path` when the checkpoint to resume from is not a whole torch checkpoint
+    (truncated, or another file), before Lightning fails on it with a traceback. The way out it offers:
+    the newest intact step checkpoint beside it (``--resume PATH``) when there is one, else starting over."""
+    path = Path(path)
+    if is_intact_checkpoint(path):
+        return
+    newest = newest_intact_step_checkpoint(path.parent, exclude=path)
+    way_out = (f"resume from the newest intact checkpoint with --resume {newest}, or pass --resume never to start "
+               "over" if newest is not None else "pass --resume never to start over")
+    raise UserError(f"{path}: cannot read the checkpoint to resume from (not a complete torch checkpoint: "
+                    f"truncated, or another file); {way_out}, or another --out")
 
 
 class CheckpointOnInterrupt(Callback):

@@ -117,3 +117,34 @@ def test_resuming_another_model_is_a_clear_error_before_training(tmp_path):
     path.write_bytes(b"")
     with pytest.raises(UserError, match="cannot read the checkpoint to resume from"):
         check_checkpoint_readable(path)
+
+
+def test_half_written_last_ckpt_offers_the_newest_intact_step_checkpoint(tmp_path):
+    """Issue #14: the refusal of a cut-short last.ckpt names the newest whole step*.ckpt to resume from."""
+    from callbacks.fault_tolerance import check_resume_checkpoint, newest_intact_step_checkpoint
+    from cheaplunch.errors import UserError
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    last = ckpts / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(64)}}, last)
+    check_resume_checkpoint(last)  # whole: no error
+    whole = last.read_bytes()
+    last.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(UserError) as err:
+        check_resume_checkpoint(last)
+    message = str(err.value)
+    assert message.startswith(f"{last}: cannot read the checkpoint to resume from") and "--resume never" in message
+    assert "--resume " + str(ckpts) not in message and len(message.splitlines()) == 1  # nothing intact to offer
+    for step in (2, 4):
+        (ckpts / f"step{step:07d}.ckpt").write_bytes(whole)
+    (ckpts / "step0000006.ckpt").write_bytes(whole[:100])  # the newest, also cut short
+    (ckpts / "notes.ckpt").write_bytes(whole)  # not a step checkpoint
+    assert newest_intact_step_checkpoint(ckpts) == ckpts / "step0000004.ckpt"
+    with pytest.raises(UserError) as err:
+        check_resume_checkpoint(last)
+    message = str(err.value)
+    assert f"resume from the newest intact checkpoint with --resume {ckpts / 'step0000004.ckpt'}" in message
+    assert "--resume never" in message and len(message.splitlines()) == 1
+    assert newest_intact_step_checkpoint(ckpts, exclude=ckpts / "step0000004.ckpt") == ckpts / "step0000002.ckpt"
+    assert newest_intact_step_checkpoint(tmp_path / "absent") is None
