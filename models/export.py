@@ -50,22 +50,23 @@ def load_weights(path: Path | str, what: str = "weights") -> Any:
         raise UserError(f"{path}: {what} unreadable: not a torch weights file (corrupt, or another kind of file)") from exc
     except EOFError as exc:
         raise UserError(f"{path}: {what} unreadable: the file is empty") from exc
-    except Exception as exc:  # zip / corrupt-archive errors come in several types (RuntimeError, OSError, ...)
-        if _is_broken_zip(path):
-            detail = "truncated or corrupt zip archive"
-        else:
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: {what} unreadable ({detail})") from exc
+    except Exception as exc:  # corrupt files fail in many types (RuntimeError, OSError, IndexError, ...)
+        if not _starts_like_zip(path):
+            raise UserError(f"{path}: {what} unreadable: not a torch weights file (corrupt, or another kind "
+                            "of file)") from exc
+        if not zipfile.is_zipfile(path):
+            raise UserError(f"{path}: {what} unreadable (truncated or corrupt zip archive)") from exc
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UserError(f"{path}: {what} unreadable ({type(exc).__name__}: {detail})") from exc
 
 
-def _is_broken_zip(path: Path) -> bool:
-    """The file starts like the zip archive torch.save writes, but has no readable end (cut short)."""
+def _starts_like_zip(path: Path) -> bool:
+    """The file starts like the zip archive torch.save writes (since torch 1.6)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            return f.read(4) == b"PK\x03\x04"
     except OSError:
         return False
-    return head == b"PK\x03\x04" and not zipfile.is_zipfile(path)
 
 
 def read_backbone(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -68,6 +69,9 @@ def test_read_errors_name_the_file_at_fault(tmp_path):
              "cut.pt": "unreadable (truncated or corrupt zip archive)"}
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "text.pt").write_bytes(b"garbage text")
+    for seed in (0, 17, 21):  # random bytes fail inside torch.load as UnpicklingError or IndexError
+        (tmp_path / f"random{seed}.pt").write_bytes(np.random.default_rng(seed).bytes(4096))
+        cases[f"random{seed}.pt"] = "unreadable: not a torch weights file"
     (tmp_path / "cut.pt").write_bytes((tmp_path / "backbone.pt").read_bytes()[:5000])
     for name, fragment in cases.items():
         with pytest.raises(UserError) as err:
