@@ -15,8 +15,20 @@ teacher is a stronger ResNet-152-D), or a t6_2-recipe run with `--teacher-factor
 One seed per row unless --seeds: the spread between seeds of one row (reported when measured) is the
 noise floor to read the deltas against.
 
+Every run also records the mean |gamma| of each residual block's last BN before and after training and the
+share of input pixels the backbone's output depends on at initialisation (`input_support`: with zero-gamma
+and strided 1x1 shortcuts, a 28 px input is seen only through its top-left corner at first).
+
+`--update` re-runs the given rows of an existing results file in place (same protocol, other rows kept;
+with --variant: keeps the runs of that file with the same variant, row, changes and seed, runs the rest);
+`--notes FILE` puts a markdown text under the table. `--variant LABEL ROW KEY=VALUE ...` (repeatable)
+runs controlled experiments instead: the row's CPU-scale config with the given config keys changed, for
+every seed of `--seed-list` (or of a `seeds=0,1,2` item of that variant), into a table of its own.
+
     python benchmarks/tricks_ablation.py                  # all rows, writes benchmarks/results/tricks_ablation.{json,md}
     python benchmarks/tricks_ablation.py --rows t4_0_baseline t6_2_label_smoothing --train 2048
+    python benchmarks/tricks_ablation.py --variant timm-init t4_3_zero_gamma model.init=timm --seed-list 0 1 \
+        --out benchmarks/results/tricks_ablation_zero_gamma
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -39,6 +52,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from cheaplunch.config import load_config  # noqa: E402
 from cheaplunch.registry import METHODS  # noqa: E402
 from cheaplunch.runner import build_trainer, standard_callbacks  # noqa: E402
+from lightning_modules.supervised import last_block_norms  # noqa: E402
 
 TRICKS = REPO / "configs" / "tricks"
 PAPER_EPOCHS = 120
@@ -64,8 +78,9 @@ def header(path: Path) -> tuple[str, str, str]:
 
 
 def cpu_version(row_yaml: Path, args: argparse.Namespace, out: Path, steps_factor: float = 1.0,
-                teacher: Path | None = None, seed: int = 0) -> Path:
-    """Write the CPU-scale config of a paper-scale row (module docstring) and return its path."""
+                teacher: Path | None = None, seed: int = 0, overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """Write the CPU-scale config of a paper-scale row (module docstring), with `overrides` (KEY=VALUE
+    config keys, e.g. ``trainer.max_steps=384``) applied last, and return its path."""
     row = OmegaConf.load(row_yaml)
     kwargs = dict(row.model.backbone_kwargs or {})
     kwargs["layers"] = [1, 1, 1, 1]
@@ -90,9 +105,29 @@ def cpu_version(row_yaml: Path, args: argparse.Namespace, out: Path, steps_facto
     }
     if teacher is not None:
         cfg["model"]["distill"] = {"teacher": str(teacher)}
+    conf = OmegaConf.create(cfg)
+    if overrides:
+        conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))
     path = out / f"{row_yaml.stem}.yaml"
-    OmegaConf.save(OmegaConf.create(cfg), path)
+    OmegaConf.save(conf, path)
     return path
+
+
+def last_gamma_abs(backbone: torch.nn.Module) -> list[float]:
+    """Mean |gamma| of the last BN of each residual block's branch (the BNs zero-gamma starts at 0)."""
+    return [round(float(bn.weight.detach().abs().mean()), 4) for bn in last_block_norms(backbone)]
+
+
+def input_support(backbone: torch.nn.Module, image_size: int) -> float:
+    """Share of input pixels the backbone's output depends on (eval mode, random images): 1.0 for a
+    ResNet, less when closed residual branches (zero-gamma) leave only strided 1x1 shortcuts, which keep
+    one pixel in four at each downsampling. Touches neither the global RNG nor the parameters' .grad."""
+    was_training = backbone.training
+    backbone.eval()
+    x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    (grad,) = torch.autograd.grad(backbone(x).square().sum(), x)
+    backbone.train(was_training)
+    return round(float((grad.abs().sum((0, 1)) > 0).float().mean()), 4)
 
 
 def train_row(row_yaml: Path, cpu_yaml: Path, run_dir: Path) -> dict:
@@ -105,6 +140,7 @@ def train_row(row_yaml: Path, cpu_yaml: Path, run_dir: Path) -> dict:
     datamodule = entry.datamodule_class().from_config(cfg)
     module = entry.module_class()(cfg)
     trainer = build_trainer(cfg, run_dir, standard_callbacks(cfg, run_dir, export=False), False)
+    init_gamma, support = last_gamma_abs(module.backbone), input_support(module.backbone, int(cfg.data.image_size))
     wall, cpu = time.perf_counter(), time.process_time()
     trainer.fit(module, datamodule=datamodule)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -114,6 +150,7 @@ def train_row(row_yaml: Path, cpu_yaml: Path, run_dir: Path) -> dict:
     return {"top1": float(val["val/top1"]), "val_loss": float(val["val/loss"]), "steps": int(trainer.global_step),
             "batch": int(cfg.data.batch_size), "lr": float(module.peak_lr), "warmup_steps": int(cfg.schedule.warmup_steps),
             "precision": str(cfg.trainer.precision), "train_wall_s": round(wall, 1), "train_cpu_s": round(cpu, 1),
+            "input_support": support, "last_gamma_abs_init": init_gamma, "last_gamma_abs": last_gamma_abs(module.backbone),
             "checkpoint": str(run_dir / "final.ckpt")}
 
 
@@ -130,12 +167,47 @@ def train_teacher(results: dict, args: argparse.Namespace, tmp: Path) -> Path:
     return Path(results["teacher"]["checkpoint"])
 
 
+def command_line(args: argparse.Namespace | dict) -> str:
+    """The command that reproduces a results file: the options whose values differ from the defaults."""
+    values = vars(args) if isinstance(args, argparse.Namespace) else args
+    parts = ["python benchmarks/tricks_ablation.py"]
+    for action in build_parser()._actions:
+        key = action.dest
+        if key in ("help", "render", "notes", "update") or key not in values or values[key] == action.default:
+            continue
+        flag, value = action.option_strings[-1], values[key]
+        if key == "variant":
+            parts += [f"{flag} {shlex.join(v)}" for v in value]
+        elif isinstance(value, list):
+            parts.append(f"{flag} {shlex.join(str(v) for v in value)}")
+        elif value is True:
+            parts.append(flag)
+        else:
+            parts.append(f"{flag} {shlex.quote(str(value))}")
+    return " ".join(parts)
+
+
+def protocol(args: argparse.Namespace) -> str:
+    return (f"Fashion-MNIST: {args.train} seeded training images x {args.epochs} passes, top-1 on {args.val} seeded "
+            f"test images; bottleneck ResNet with one block per stage (timm resnet26, layers 1-1-1-1) at {args.image_size} px; "
+            f"paper batch / {args.batch_divisor}")
+
+
+def footer(results: dict) -> list[str]:
+    lines = []
+    if results.get("notes"):
+        lines += ["", results["notes"].strip()]
+    lines += ["", f"Command: `{results.get('command') or command_line(results['args'])}`"]
+    for rerun in results.get("reruns", []):
+        lines.append(f"Re-run of {', '.join(rerun['rows'])} ({rerun['wall_s']} s): `{rerun['command']}`")
+    lines += ["", f"Machine: {results['machine']}. Total wall time {results.get('total_wall_s', '?')} s."]
+    return lines
+
+
 def write_markdown(results: dict, args: argparse.Namespace, path: Path) -> None:
     lines = [
         "# Bag of Tricks ablation at CPU scale (benchmarks/tricks_ablation.py)", "",
-        f"Fashion-MNIST: {args.train} seeded training images x {args.epochs} passes, top-1 on {args.val} seeded "
-        f"test images; bottleneck ResNet with one block per stage (timm resnet26, layers 1-1-1-1) at {args.image_size} px; "
-        f"paper batch / {args.batch_divisor}; FP16 rows in {args.fp16} (rows marked 'same run as' were not re-run). "
+        f"{protocol(args)}; FP16 rows in {args.fp16} (rows marked 'same run as' were not re-run). "
         "One seed per row unless stated: differences "
         "smaller than the seed spread below are noise. Paper numbers: ResNet-50 on ImageNet, 120-200 epochs.", "",
         "| row | table | paper top-1 | paper delta | CPU top-1 | CPU delta | delta vs | steps | batch | peak lr | train wall s |",
@@ -165,11 +237,69 @@ def write_markdown(results: dict, args: argparse.Namespace, path: Path) -> None:
     if results.get("seed_spread"):
         lines += ["", "Seed spread: " + "; ".join(f"{k}: {', '.join(f'{100 * v:.2f}' for v in vs)}"
                                                  for k, vs in results["seed_spread"].items())]
-    lines += ["", f"Machine: {results['machine']}. Total wall time {results.get('total_wall_s', '?')} s."]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines + footer(results)) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
+def write_variants_markdown(results: dict, args: argparse.Namespace, path: Path) -> None:
+    lines = [
+        "# Bag of Tricks ablation at CPU scale: controlled experiments (benchmarks/tricks_ablation.py --variant)", "",
+        f"{protocol(args)}. Each variant is the named row's CPU-scale config with only the listed config keys "
+        "changed. Last-BN |gamma|: mean |gamma| of each residual block's last BN after training (layer1..layer4, "
+        "mean over seeds; zero-gamma starts them at 0). Input support: share of input pixels the backbone's "
+        "output depends on at initialisation.", "",
+        "| variant | row | changed | steps | seeds | top-1 per seed | mean top-1 | last-BN abs(gamma) after | input support at init | train wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, v in results["variants"].items():
+        runs = v["runs"]
+        if not runs:
+            continue
+        top1 = [100 * r["top1"] for r in runs]
+        gammas = [sum(g) / len(runs) for g in zip(*(r["last_gamma_abs"] for r in runs))]
+        lines.append(f"| {label} | {v['row']} | {', '.join(v['overrides']) or '(none)'} | {runs[0]['steps']} | "
+                     f"{', '.join(str(r['seed']) for r in runs)} | {', '.join(f'{t:.1f}' for t in top1)} | "
+                     f"{sum(top1) / len(top1):.1f} | {' / '.join(f'{g:.3f}' for g in gammas)} | "
+                     f"{runs[0]['input_support']:.3f} | {sum(r['train_wall_s'] for r in runs):.0f} |")
+    path.write_text("\n".join(lines + footer(results)) + "\n")
+
+
+def run_variants(args: argparse.Namespace, out: Path) -> dict:
+    """Controlled experiments: each --variant LABEL ROW KEY=VALUE... for each seed of --seed-list."""
+    results: dict = {"args": vars(args), "command": command_line(args), "variants": {},
+                     "machine": f"{os.cpu_count()} CPU cores (shared), torch {torch.__version__}"}
+    done: dict = {}
+    if args.update and out.with_suffix(".json").is_file():
+        previous = json.loads(out.with_suffix(".json").read_text())
+        check_protocol(previous["args"], args, out)
+        done = {(label, v["row"], tuple(v["overrides"]), r["seed"]): r
+                for label, v in previous.get("variants", {}).items() for r in v["runs"]}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for label, row, *overrides in args.variant:
+            seeds = [int(x) for o in overrides if o.startswith("seeds=") for x in o[6:].split(",")] or args.seed_list
+            overrides = [o for o in overrides if not o.startswith("seeds=")]
+            if not (TRICKS / f"{row}.yaml").is_file():
+                raise SystemExit(f"--variant {label}: no row {row} in {TRICKS}")
+            if "distill" in row:
+                raise SystemExit(f"--variant {label}: distillation rows need a teacher; not supported here")
+            entry = results["variants"][label] = {"row": row, "overrides": overrides, "runs": []}
+            for seed in seeds:
+                if (label, row, tuple(overrides), seed) in done:
+                    entry["runs"].append(done[(label, row, tuple(overrides), seed)])
+                    continue
+                cpu = cpu_version(TRICKS / f"{row}.yaml", args, tmp, seed=seed, overrides=overrides)
+                r = train_row(TRICKS / f"{row}.yaml", cpu, tmp / f"{label}_seed{seed}")
+                r.pop("checkpoint")
+                entry["runs"].append({"seed": seed, **r})
+                print(f"{label} seed {seed}: {r}", flush=True)
+                results["total_wall_s"] = round(time.perf_counter() - start)
+                out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+                write_variants_markdown(results, args, out.with_suffix(".md"))
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="fashion-mnist")
     parser.add_argument("--train", type=int, default=1024, help="training images (seeded subset)")
@@ -187,19 +317,73 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=1, help="seeds for the first row (noise estimate)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "tricks_ablation"))
     parser.add_argument("--render", metavar="JSON", help="only re-write the markdown table of a results JSON")
-    args = parser.parse_args(argv)
+    parser.add_argument("--update", action="store_true",
+                        help="re-run --rows into the existing --out results (same protocol), keeping the other rows")
+    parser.add_argument("--notes", metavar="MD", help="markdown file whose text goes under the table (kept in the JSON)")
+    parser.add_argument("--variant", nargs="+", action="append", metavar="LABEL ROW KEY=VALUE",
+                        help="a controlled experiment: ROW's CPU-scale config with KEY=VALUE config keys changed (repeatable)")
+    parser.add_argument("--seed-list", type=int, nargs="+", default=[0],
+                        help="seeds of every --variant without its own seeds=S1,S2,... item")
+    return parser
+
+
+PROTOCOL_KEYS = ("data", "train", "val", "epochs", "batch_divisor", "fp16", "lr_factor", "image_size", "teacher_factor")
+
+
+def check_protocol(stored: dict, args: argparse.Namespace, out: Path) -> None:
+    differ = {k: (stored.get(k), getattr(args, k)) for k in PROTOCOL_KEYS if stored.get(k) != getattr(args, k)}
+    if differ:
+        raise SystemExit(f"--update: the protocol differs from {out.with_suffix('.json')} (stored, given): {differ}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    notes = Path(args.notes).read_text() if args.notes else None
     if args.render:
-        results = json.loads(Path(args.render).read_text())
-        args = argparse.Namespace(**{**vars(args), **results["args"]})
+        source = Path(args.render)
+        results = json.loads(source.read_text())
+        args = argparse.Namespace(**{**vars(args), **results["args"]})  # the stored run's protocol
+        if notes is not None:
+            results["notes"] = notes
+            source.write_text(json.dumps(results, indent=2) + "\n")
+        if "variants" in results:
+            write_variants_markdown(results, args, source.with_suffix(".md"))
+            return 0
         for r in results["rows"].values():
             r["paper"] = r["paper"] if r["paper"].replace(".", "").isdigit() else "n/a"
-        write_markdown(results, args, Path(args.render).with_suffix(".md"))
+        write_markdown(results, args, source.with_suffix(".md"))
         return 0
     os.environ.setdefault("WANDB_MODE", "disabled")
     torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if args.variant:
+        if any(len(v) < 2 or any("=" not in o for o in v[2:]) for v in args.variant):
+            raise SystemExit("--variant takes LABEL ROW [KEY=VALUE ...]")
+        results = run_variants(args, out)
+        if notes is not None:
+            results["notes"] = notes
+        out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+        write_variants_markdown(results, args, out.with_suffix(".md"))
+        print(out.with_suffix(".md").read_text())
+        return 0
     names = args.rows or sorted(p.stem for p in TRICKS.glob("*.yaml"))
     results: dict = {"args": vars(args), "rows": {}, "machine": f"{os.cpu_count()} CPU cores (shared), torch {torch.__version__}"}
-    out = Path(args.out)
+    previous_wall = 0
+    if args.update:
+        if not args.rows:
+            raise SystemExit("--update re-runs the rows named by --rows")
+        results = json.loads(out.with_suffix(".json").read_text())
+        stored = results["args"]
+        check_protocol(stored, args, out)
+        if any("distill" in n for n in names) and args.teacher_factor != 1.0:
+            raise SystemExit("--update of distillation rows with a separate teacher is not supported; re-run all rows")
+        results.setdefault("command", command_line(stored))
+        previous_wall = int(results.get("total_wall_s", 0))
+        for name in names:  # the previous result of a re-run row, for the record
+            if name in results["rows"]:
+                results["rows"][name]["previous_top1"] = results["rows"][name].get("previous_top1", results["rows"][name]["top1"])
+    if notes is not None:
+        results["notes"] = notes
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -208,16 +392,18 @@ def main(argv: list[str] | None = None) -> int:
             table, row, paper = header(TRICKS / f"{name}.yaml")
             same = dict(SAME_AS, **({"t4_5_fp16": "t4_4_no_bias_decay"} if args.fp16 == "32-true" else {}))
             if name in same and same[name] in results["rows"]:
+                kept = {k: v for k, v in results["rows"].get(name, {}).items() if k == "previous_top1"}
                 results["rows"][name] = {**results["rows"][same[name]], "table": table, "row": row, "paper": paper,
-                                         "same_run_as": same[name]}
+                                         "same_run_as": same[name], **kept}
                 continue
             if "distill" in name and teacher is None:
                 teacher = train_teacher(results, args, tmp)
             cpu = cpu_version(TRICKS / f"{name}.yaml", args, tmp, teacher=teacher if "distill" in name else None)
             r = train_row(TRICKS / f"{name}.yaml", cpu, tmp / name)
-            results["rows"][name] = {"table": table, "row": row, "paper": paper, **r}
+            kept = {k: v for k, v in results["rows"].get(name, {}).items() if k == "previous_top1"}
+            results["rows"][name] = {"table": table, "row": row, "paper": paper, **r, **kept}
             print(f"{name}: {r}", flush=True)
-            results["total_wall_s"] = round(time.perf_counter() - start)
+            results["total_wall_s"] = previous_wall + round(time.perf_counter() - start)
             out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
             write_markdown(results, args, out.with_suffix(".md"))
         if args.seeds > 1:
@@ -227,7 +413,12 @@ def main(argv: list[str] | None = None) -> int:
                 cpu = cpu_version(TRICKS / f"{first}.yaml", args, tmp, seed=seed)
                 spread.append(train_row(TRICKS / f"{first}.yaml", cpu, tmp / f"{first}_seed{seed}")["top1"])
             results["seed_spread"] = {first: spread}
-    results["total_wall_s"] = round(time.perf_counter() - start)
+    results["total_wall_s"] = previous_wall + round(time.perf_counter() - start)
+    if args.update:
+        results.setdefault("reruns", []).append({"rows": names, "wall_s": round(time.perf_counter() - start),
+                                                 "command": command_line(args) + " --update"})
+    else:
+        results["command"] = command_line(args)
     for r in results["rows"].values():
         r.pop("checkpoint", None)
     if results.get("teacher"):
