@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import math
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -240,6 +241,59 @@ def test_xavier_init_and_zero_gamma():
     basic = timm.create_model("resnet18", num_classes=0)
     xavier_init(basic)
     assert set_zero_gamma(basic, True) == 8 and all(not blk.bn2.weight.any() for blk in basic.layer1)
+
+
+# The BN layers of resnet26 (two bottlenecks per stage: a downsampling block, then an identity block), by hand.
+# Zero-gamma zeroes exactly the last BN of each residual branch (bn3 of a bottleneck); every other BN
+# (stem, bn1, bn2, the downsampling shortcut's BN) keeps gamma 1.
+ZERO_GAMMA_BN = {"layer1.0.bn3", "layer1.1.bn3", "layer2.0.bn3", "layer2.1.bn3",
+                 "layer3.0.bn3", "layer3.1.bn3", "layer4.0.bn3", "layer4.1.bn3"}
+BRANCH_BN = {"layer1.0.bn1", "layer1.0.bn2", "layer1.1.bn1", "layer1.1.bn2", "layer2.0.bn1", "layer2.0.bn2",
+             "layer2.1.bn1", "layer2.1.bn2", "layer3.0.bn1", "layer3.0.bn2", "layer3.1.bn1", "layer3.1.bn2",
+             "layer4.0.bn1", "layer4.0.bn2", "layer4.1.bn1", "layer4.1.bn2"}
+# shortcut of the downsampling blocks: A/B/C Sequential(conv 1x1, BN); D Sequential(avg-pool, conv 1x1, BN)
+SHORTCUT_BN = {"abc": {"layer1.0.downsample.1", "layer2.0.downsample.1", "layer3.0.downsample.1", "layer4.0.downsample.1"},
+               "d": {"layer1.0.downsample.2", "layer2.0.downsample.2", "layer3.0.downsample.2", "layer4.0.downsample.2"}}
+# stem: A/B one 7x7 conv + bn1; C/D (deep stem) Sequential(conv, BN, ReLU, conv, BN, ReLU, conv) + bn1
+STEM_BN = {"7x7": {"bn1"}, "deep": {"conv1.1", "conv1.4", "bn1"}}
+
+
+@pytest.mark.parametrize("row, stem, shortcut", [("t4_3_zero_gamma", "7x7", "abc"), ("t5_b_resnet50b", "7x7", "abc"),
+                                                 ("t5_c_resnet50c", "deep", "abc"), ("t5_d_resnet50d", "deep", "d")])
+def test_zero_gamma_zeroes_only_the_last_bn_of_each_branch_in_resnet_a_b_c_d(row, stem, shortcut):
+    """ResNet-A/B/C/D as the ablation rows build them (resnet26 in place of resnet50: the same blocks,
+    fewer of them), Xavier init then zero-gamma: the BN layers at 0 and at 1 are exactly the sets above."""
+    rows = Path(__file__).resolve().parents[1] / "configs" / "tricks"
+    cfg = load_config(METHODS["supervised"].config_path, rows / f"{row}.yaml", ["model.arch=resnet26", "model.num_classes=5"])
+    assert cfg.model.zero_gamma and cfg.model.init == "xavier"
+    m = SupervisedModule(cfg)
+    bns = {n: bn for n, bn in m.backbone.named_modules() if isinstance(bn, nn.modules.batchnorm._BatchNorm)}
+    ones = BRANCH_BN | SHORTCUT_BN[shortcut] | STEM_BN[stem]
+    assert set(bns) == ZERO_GAMMA_BN | ones
+    assert {n for n, bn in bns.items() if torch.all(bn.weight == 0)} == ZERO_GAMMA_BN
+    assert {n for n, bn in bns.items() if torch.all(bn.weight == 1)} == ones
+    assert all(not bn.bias.any() for bn in bns.values())
+    # the architecture is the row's: A has the stride on the first 1x1, D an avg-pool before the shortcut conv
+    assert m.backbone.layer2[0].conv1.stride == ((2, 2) if row == "t4_3_zero_gamma" else (1, 1))
+    assert isinstance(m.backbone.layer2[0].downsample[0], nn.AvgPool2d) == (shortcut == "d")
+
+
+def test_zero_gamma_at_28px_leaves_only_the_corner_behind_strided_shortcuts():
+    """Why zero-gamma collapses ResNet-A/B/C in the 28 px CPU ablation (benchmarks/results/tricks_ablation_large.md):
+    with every residual branch closed, the network is its shortcut chain. A strided 1x1 shortcut keeps the
+    top-left pixel of each 2x2 cell, and a 28 px input ends as a 1x1 map, so at initialisation the output
+    depends only on the image's top-left corner (Fashion-MNIST background). D's avg-pool shortcut keeps all."""
+    from benchmarks.tricks_ablation import input_support
+
+    def support(*overrides):
+        return input_support(module_of("model.init=xavier", *overrides).backbone, 28)
+
+    a = ("model.stride_on_1x1=true",)
+    d = ("model.backbone_kwargs={layers: [1, 1, 1, 1], stem_type: deep, stem_width: 32, avg_down: true}",)
+    assert support(*a, "model.zero_gamma=false") == 1.0
+    assert support(*a, "model.zero_gamma=true") == pytest.approx(36 / 28**2, abs=1e-4)  # rows and columns 0..5
+    assert support("model.zero_gamma=true") == pytest.approx(36 / 28**2, abs=1e-4)  # B
+    assert support(*d, "model.zero_gamma=true") == 1.0
 
 
 def test_resnet_b_c_d_and_the_original_stride_on_1x1():
