@@ -1,9 +1,9 @@
 """The measured compute of a run, written to ``compute.json`` in the run folder.
 
-FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (forward + backward + anything else
-the step runs) on real training steps of the run itself: steps ``skip`` .. ``skip + count - 1`` (the first
-step is skipped: one-off work such as a montage ERF refresh at step 0 or lazy initialisation is not a
-typical step). Total FLOPs = mean FLOPs of the counted steps x optimizer steps run, per process, x the
+FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` around the forward and backward of
+real training steps of the run itself (from the LightningModule's ``training_step`` to the end of its
+backward; other callbacks' work, e.g. a montage ERF refresh, stays outside): steps ``skip`` ..
+``skip + count - 1`` (the first step is skipped: lazy initialisation is not a typical step). Total FLOPs = mean FLOPs of the counted steps x optimizer steps run, per process, x the
 number of processes. Beside it: wall seconds of training, images seen and the device, so that a budget
 in FLOPs can be compared across machines and a budget in time on one machine.
 """
@@ -32,6 +32,7 @@ class ComputeMeter(Callback):
         self.count, self.skip = int(count), int(skip)
         self.step_flops: list[int] = []
         self._counter: FlopCounterMode | None = None
+        self._wanted = False  # the current micro-batch is counted
         self._micro_flops = 0
         self._started: float | None = None
         self._wall_before = 0.0  # training seconds of earlier (resumed) sessions
@@ -45,30 +46,48 @@ class ComputeMeter(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started = time.perf_counter()
+        training_step = pl_module.training_step
+
+        def counted_training_step(*args: Any, **kwargs: Any) -> Any:
+            """The module's training_step, inside the counter on a counted step (closed after backward)."""
+            if self._wanted and self._counter is None:
+                self._counter = FlopCounterMode(display=False)
+                self._counter.__enter__()
+            return training_step(*args, **kwargs)
+
+        pl_module.training_step = counted_training_step  # instance attribute: the class stays untouched
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._images += batch_size_of(batch)
-        if self._counting(trainer) and self._counter is None:
-            self._counter = FlopCounterMode(display=False)
-            self._counter.__enter__()
+        self._wanted = self._counting(trainer)
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self._micro_flops += int(self._counter.get_total_flops())
+            self._counter = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self._counter is None:
+        if not self._wanted:
             return
-        self._counter.__exit__(None, None, None)
-        self._micro_flops += int(self._counter.get_total_flops())
-        self._counter = None
-        step_done = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
-        if step_done:  # an optimizer step: its micro-batches together
+        self._wanted = False
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:  # an optimizer step: its micro-batches
             self.step_flops.append(self._micro_flops)
             self._micro_flops = 0
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.__dict__.pop("training_step", None)  # back to the class's method
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.summary(trainer), indent=2) + "\n")
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self._counter is not None:
             self._counter.__exit__(None, None, None)
             self._counter = None
+        pl_module.__dict__.pop("training_step", None)
 
     # ---- result -----------------------------------------------------------------------------------
     def summary(self, trainer: L.Trainer) -> dict[str, Any]:
@@ -92,11 +111,6 @@ class ComputeMeter(Callback):
             "device": device,
             "method": "FlopCounterMode on counted real steps; total = mean per step x steps x processes",
         }
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(self.summary(trainer), indent=2) + "\n")
 
     def state_dict(self) -> dict[str, Any]:
         wall = self._wall_before + (time.perf_counter() - self._started if self._started is not None else 0.0)

@@ -8,7 +8,6 @@ import logging
 import netrc
 import os
 import secrets
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,8 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig
 
-from callbacks.fault_tolerance import CheckpointOnInterrupt
+from callbacks.compute import ComputeMeter
+from callbacks.fault_tolerance import CheckpointOnInterrupt, check_resume_checkpoint
 from callbacks.lr_schedule import WarmupCosineLR
 from callbacks.run_artifacts import ExportBackbone, RankAudit
 from cheaplunch import REPO_ROOT, slurm
@@ -117,6 +117,8 @@ def standard_callbacks(cfg: DictConfig, run_dir: Path, *, export: bool) -> list[
         callbacks.append(ExportBackbone(run_dir))
     if cfg.logging.audit_ranks:
         callbacks.append(RankAudit(run_dir / "audit"))
+    if int(cfg.logging.flops_steps) > 0:
+        callbacks.append(ComputeMeter(run_dir / "compute.json", count=int(cfg.logging.flops_steps)))
     return callbacks
 
 
@@ -165,15 +167,6 @@ def find_resume_checkpoint(run_dir: Path, resume: str) -> str | None:
     return resume
 
 
-def check_checkpoint_readable(path: Path) -> None:
-    """A UserError naming the file when the checkpoint to resume from is not a whole torch checkpoint (a
-    truncated write, another file), before Lightning fails on it with a traceback. Reads only the zip
-    archive's end record; the model itself is checked in ``PretrainModule.on_load_checkpoint``."""
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"{path}: cannot read the checkpoint to resume from (not a complete torch checkpoint: "
-                        "truncated, or another file); pass --resume never to start over, or another --out")
-
-
 @rank_zero_only
 def write_run_config(cfg: DictConfig, run_dir: Path) -> None:
     save_config(cfg, run_dir / "config.yaml")
@@ -193,7 +186,7 @@ def fit_in_run_dir(cfg: DictConfig, run_dir: Path, module: L.LightningModule, da
     trainer = build_trainer(cfg, run_dir, standard_callbacks(cfg, run_dir, export=export), pl_logger)
     ckpt = find_resume_checkpoint(run_dir, resume)
     if ckpt is not None:
-        check_checkpoint_readable(Path(ckpt))
+        check_resume_checkpoint(Path(ckpt))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     except NonFiniteLossError as exc:

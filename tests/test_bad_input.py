@@ -101,15 +101,10 @@ CASES: dict[str, Case] = {
     "pickled_object_weights": pickled_object_weights,
     "truncated_instances_json_segmentation": truncated_instances_json_segmentation,
 }
-PENDING = {  # the fix is in place, the call to it is not yet (the file is being edited by someone else)
-    "half_written_last_ckpt": "cheaplunch/runner.py still calls its own check_checkpoint_readable, not "
-                              "callbacks.fault_tolerance.check_resume_checkpoint",
-}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=PENDING[n])) if n in PENDING else n for n in CASES])
+@pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_one_error_line_naming_the_file(name, tiny_embedded, tmp_path):
     script, args, fragments = CASES[name](tiny_embedded, tmp_path)
     proc = _cli(script, *args)

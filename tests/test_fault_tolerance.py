@@ -90,8 +90,8 @@ def test_resuming_another_model_is_a_clear_error_before_training(tmp_path):
     is not a whole checkpoint is caught before fit."""
     from omegaconf import OmegaConf
 
+    from callbacks.fault_tolerance import check_resume_checkpoint
     from cheaplunch.errors import UserError
-    from cheaplunch.runner import check_checkpoint_readable
     from lightning_modules.base import resume_mismatch
 
     own = torch.nn.Linear(2, 3).state_dict()
@@ -110,13 +110,13 @@ def test_resuming_another_model_is_a_clear_error_before_training(tmp_path):
     assert "--resume never" in message
 
     torch.save(same, path)
-    check_checkpoint_readable(path)
+    check_resume_checkpoint(path)
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot read the checkpoint to resume from"):
-        check_checkpoint_readable(path)
+        check_resume_checkpoint(path)
     path.write_bytes(b"")
     with pytest.raises(UserError, match="cannot read the checkpoint to resume from"):
-        check_checkpoint_readable(path)
+        check_resume_checkpoint(path)
 
 
 def test_half_written_last_ckpt_offers_the_newest_intact_step_checkpoint(tmp_path):

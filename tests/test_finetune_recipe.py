@@ -140,3 +140,6 @@ def test_one_cpu_run_with_every_switch_on(tiny_embedded, tmp_path):
     groups = ckpt["optimizer_states"][0]["param_groups"]
     assert len({g["lr_scale"] for g in groups}) == 14  # atto: stem, 12 blocks, head (layer decay on)
     assert np.isfinite([g["lr"] for g in groups]).all()
+    compute = json.loads((tmp_path / "compute.json").read_text())  # the run's measured compute
+    assert compute["optimizer_steps"] == 2 and compute["counted_steps"] == 1 and compute["flops_per_step"] > 0
+    assert compute["images_seen"] == 2 * 8

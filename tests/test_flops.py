@@ -80,9 +80,16 @@ def test_compute_meter_counts_real_training_steps(tmp_path):
 
     from callbacks.compute import ComputeMeter
 
+    class OtherWork(L.Callback):
+        """Work of another callback at the batch start (like a montage ERF refresh): not the step's."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            x = torch.randn(64, 64, requires_grad=True)
+            torch.autograd.grad((x @ x).sum(), x)
+
     data = TensorDataset(torch.randn(24, 3, 16, 16), torch.randint(0, 10, (24,)))
     meter = ComputeMeter(tmp_path / "compute.json", count=2, skip=1)
-    trainer = L.Trainer(max_steps=5, accumulate_grad_batches=2, callbacks=[meter], logger=False,
+    trainer = L.Trainer(max_steps=5, accumulate_grad_batches=2, callbacks=[meter, OtherWork()], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         accelerator="cpu")
     trainer.fit(_LitNet(), DataLoader(data, batch_size=4))
