@@ -1,0 +1,387 @@
+"""The bake-off: pre-training methods against each other and against scratch at equal measured compute,
+fine-tuned on the user's own detection / segmentation data, with seed intervals and paired verdicts.
+
+It is a plan of independent runs, one folder each under ``--out``:
+
+1. ``probe/...``: a 4-step run of every pre-training method and of every (task, architecture) fine-tuning,
+   whose ``compute.json`` (``callbacks.compute.ComputeMeter``) gives the FLOPs and seconds per step;
+2. ``pretrain/<method>[_f<fraction>]``: ``train.py --method <method>`` for the budget (a FLOPs budget is
+   divided by the method's measured FLOPs per step);
+3. ``finetune/<task>/f<fraction>/<arm>/seed<k>``: ``finetune.py --task <task> --config
+   configs/bakeoff/<task>.yaml`` (the protocol) from each backbone, from scratch, and from each ``--init``.
+
+Scratch appears twice per architecture: ``scratch`` (the plain fine-tuning schedule) and ``scratch+``
+(the plain schedule plus the steps that the pre-training budget buys at scratch's measured fine-tuning
+FLOPs per step: equal total compute, He et al. 2019). A method's verdict is its seed-paired difference to
+``scratch+`` of its own architecture (better / tie / worse from the 95% interval); the difference to
+plain ``scratch`` is shown beside it. A finished run is never re-run and an interrupted one resumes from
+its ``last.ckpt`` (every run is launched with ``--resume auto``), so re-running the command continues.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cheaplunch import CONFIG_DIR, REPO_ROOT
+from cheaplunch.errors import UserError
+from cheaplunch.stats import Interval, paired_difference, t_interval, verdict
+
+METHODS = ("montage", "fcmae", "contrastive", "supervised")
+TASKS = ("detection", "segmentation")
+HEADLINE = {"detection": ("bbox", "AP"), "segmentation": ("mIoU",)}
+LABEL_USING = ("montage", "supervised", "contrastive")  # pre-train on the labelled subset only
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # a dotted key=value config override
+PROBE_STEPS = 4  # FLOPs per step measured on steps 1..3 (ComputeMeter skips step 0)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Pre-training budget: FLOPs (device-independent) or optimizer steps."""
+
+    flops: float | None = None
+    steps: int | None = None
+
+    def describe(self) -> str:
+        return f"{self.flops:.3g} FLOPs" if self.flops is not None else f"{self.steps} steps"
+
+
+def parse_budget(text: str) -> Budget:
+    """'3e15' (FLOPs) or '500steps' / '500 steps' (optimizer steps)."""
+    value = text.strip().lower().replace("_", "")
+    match = re.fullmatch(r"(\d+)\s*steps?", value)
+    if match:
+        if int(match.group(1)) <= 0:
+            raise UserError(f"--budget {text}: steps must be positive")
+        return Budget(steps=int(match.group(1)))
+    try:
+        flops = float(value.removesuffix("flops"))
+    except ValueError:
+        raise UserError(f"--budget '{text}': give FLOPs (e.g. 3e15) or steps (e.g. 500steps)") from None
+    if not math.isfinite(flops) or flops <= 0:
+        raise UserError(f"--budget {text}: FLOPs must be a positive number")
+    return Budget(flops=flops)
+
+
+def parse_inits(items: Iterable[str]) -> dict[str, str]:
+    """--init NAME=PATH (repeatable) -> {name: path}."""
+    inits: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--init must be NAME=PATH (e.g. imagenet=ckpts/resnet18.pt), got '{item}'")
+        if name in inits or name.startswith("scratch") or name in METHODS:
+            raise UserError(f"--init name '{name}' is taken (distinct, not a method, not starting with 'scratch')")
+        inits[name] = path
+    return inits
+
+
+@dataclass
+class Settings:
+    data: str | None
+    methods: list[str]
+    tasks: list[str]
+    seeds: int
+    budget: Budget
+    label_fractions: list[float]
+    inits: dict[str, str]
+    out: Path
+    logger: str = "none"
+    detector: str = "faster_rcnn"
+    overrides: list[str] = field(default_factory=list)
+    pretrain_overrides: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        unknown = [m for m in self.methods if m not in (*METHODS, "scratch")]
+        if unknown:
+            raise UserError(f"--methods: unknown {unknown}; choose from {', '.join((*METHODS, 'scratch'))}")
+        if self.seeds < 1:
+            raise UserError("--seeds must be at least 1 (3 or more for intervals)")
+        for f in self.label_fractions:
+            if not 0.0 < f <= 1.0:
+                raise UserError(f"--label-fractions: {f} is not in (0, 1]")
+
+
+@dataclass
+class Run:
+    """One run of the plan: a command line, its folder, the architecture it trains."""
+
+    key: str
+    kind: str  # probe | pretrain | finetune
+    script: str  # train.py | finetune.py
+    args: list[str]
+    out: Path
+    arch: str
+    steps: int = PROBE_STEPS  # optimizer steps it trains
+    probe: str = ""  # key of the probe that measured its cost per step
+
+    def done(self) -> bool:
+        marker = "results.json" if self.script == "finetune.py" and self.kind != "probe" else "compute.json"
+        return (self.out / marker).is_file() and (self.out / "compute.json").is_file()
+
+    def command(self) -> list[str]:
+        """The command line: options first, then the key=value overrides in their order (argparse takes the
+        positional overrides only as one block; a later one wins, so an arm's own settings come last)."""
+        overrides = [a for a in self.args if OVERRIDE.match(a)]
+        options = [a for a in self.args if not OVERRIDE.match(a)]
+        return [sys.executable, str(REPO_ROOT / self.script), *options, "--out", str(self.out), "--resume", "auto",
+                *overrides]
+
+    def compute(self) -> dict[str, Any]:
+        return read_json(self.out / "compute.json") or {}
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def method_arch(method: str) -> str:
+    """The architecture a method's default YAML pre-trains."""
+    from cheaplunch.config import load_config
+    from cheaplunch.registry import METHODS as REGISTERED
+
+    return str(load_config(REGISTERED[method].config_path).model.arch)
+
+
+def protocol_yaml(task: str) -> Path:
+    return CONFIG_DIR / "bakeoff" / f"{task}.yaml"
+
+
+def fraction_tag(fraction: float) -> str:
+    return f"f{fraction:g}"
+
+
+def scratch_name(arch: str, default_arch: str) -> str:
+    return "scratch" if arch == default_arch else f"scratch_{arch}"
+
+
+class BakeOff:
+    """The plan of a bake-off and its results (see the module docstring)."""
+
+    def __init__(self, s: Settings) -> None:
+        s.validate()
+        self.s = s
+        self.pretrain_methods = [m for m in s.methods if m != "scratch"]
+        self.archs = {m: method_arch(m) for m in self.pretrain_methods}
+        self.default_arch = method_arch("montage")
+        self.scratch_archs = sorted(set(self.archs.values()) | {self.default_arch})
+        self.common = ["--logger", s.logger] + (["--data", s.data] if s.data else [])
+
+    # ---- probes ------------------------------------------------------------------------------------
+    def task_args(self, task: str) -> list[str]:
+        args = ["--task", task, "--config", str(protocol_yaml(task)), *self.common]
+        return args + (["--detector", self.s.detector] if task == "detection" else [])
+
+    def probes(self) -> list[Run]:
+        quick = [f"trainer.max_steps={PROBE_STEPS}", "checkpoint.every_n_steps=1000000"]
+        runs = [Run(f"probe/pretrain/{m}", "probe", "train.py",
+                    ["--method", m, *self.common, "--seed", "0", *quick, *self.s.pretrain_overrides],
+                    self.s.out / "probe" / "pretrain" / m, self.archs[m], PROBE_STEPS, f"probe/pretrain/{m}")
+                for m in self.pretrain_methods]
+        for task in self.s.tasks:
+            for arch in self.scratch_archs:
+                runs.append(Run(f"probe/{task}/{arch}", "probe", "finetune.py",
+                                [*self.task_args(task), "--backbone", "scratch", "--arch", arch, *quick,
+                                 "trainer.val_check_interval=1000000", "trainer.limit_val_batches=1", *self.s.overrides],
+                                self.s.out / "probe" / task / arch, arch, PROBE_STEPS, f"probe/{task}/{arch}"))
+        return runs
+
+    def per_step(self, run: Run) -> tuple[float, float]:
+        """(FLOPs, wall seconds) per optimizer step of a finished probe."""
+        c = run.compute()
+        if not c.get("flops_per_step"):
+            raise UserError(f"{run.out}: the probe measured no FLOPs (compute.json missing or empty)")
+        return float(c["flops_per_step"]) * int(c.get("processes", 1)), float(c["wall_seconds"]) / max(c["optimizer_steps"], 1)
+
+    def plain_steps(self, task: str) -> int:
+        from cheaplunch.config import load_config
+        from cheaplunch.registry import TASKS as REGISTERED
+
+        cfg = load_config(REGISTERED[task].config_path, protocol_yaml(task),
+                          [o for o in self.s.overrides if o.startswith("trainer.max_steps=")])
+        return int(cfg.trainer.max_steps)
+
+    # ---- the plan ----------------------------------------------------------------------------------
+    def plan(self, probes: dict[str, Run]) -> tuple[list[Run], dict[str, Any]]:
+        """Pre-training and fine-tuning runs, and the budget arithmetic behind them (from the probes)."""
+        s, info = self.s, {"pretrain_steps": {}, "pretrain_flops": {}, "scratch_plus_steps": {}}
+        runs: list[Run] = []
+        for m in self.pretrain_methods:
+            flops, _ = self.per_step(probes[f"probe/pretrain/{m}"])
+            steps = s.budget.steps if s.budget.steps is not None else max(1, round(s.budget.flops / flops))
+            info["pretrain_steps"][m], info["pretrain_flops"][m] = steps, steps * flops
+        budget_by_arch = {arch: max([info["pretrain_flops"][m] for m in self.pretrain_methods
+                                     if self.archs[m] == arch] or [s.budget.flops or 0.0])
+                          for arch in self.scratch_archs}
+        for fraction in s.label_fractions:
+            for m in self.pretrain_methods:
+                sub = m if fraction == 1.0 or m not in LABEL_USING else f"{m}_{fraction_tag(fraction)}"
+                if any(r.key == f"pretrain/{sub}" for r in runs):
+                    continue
+                extra = [f"data.label_fraction={fraction}"] if fraction < 1.0 and m in LABEL_USING else []
+                runs.append(Run(f"pretrain/{sub}", "pretrain", "train.py",
+                                ["--method", m, *self.common, "--seed", "0",
+                                 f"trainer.max_steps={info['pretrain_steps'][m]}", *extra, *s.pretrain_overrides],
+                                s.out / "pretrain" / sub, self.archs[m], info["pretrain_steps"][m],
+                                f"probe/pretrain/{m}"))
+        for task in s.tasks:
+            plain = self.plain_steps(task)
+            for fraction in s.label_fractions:
+                arms: list[tuple[str, str, list[str], int]] = []  # name, arch, arguments, steps
+                for arch in self.scratch_archs:
+                    name = scratch_name(arch, self.default_arch)
+                    ft_flops, _ = self.per_step(probes[f"probe/{task}/{arch}"])
+                    longer = plain + round(budget_by_arch[arch] / ft_flops)
+                    info["scratch_plus_steps"][f"{task}/{arch}"] = longer
+                    arms.append((name, arch, ["--backbone", "scratch", "--arch", arch], plain))
+                    arms.append((name.replace("scratch", "scratch+", 1), arch,
+                                 ["--backbone", "scratch", "--arch", arch, f"trainer.max_steps={longer}"], longer))
+                for m in self.pretrain_methods:
+                    sub = m if fraction == 1.0 or m not in LABEL_USING else f"{m}_{fraction_tag(fraction)}"
+                    arms.append((m, self.archs[m], ["--backbone", str(s.out / "pretrain" / sub / "backbone.pt")],
+                                 plain))
+                for name, path in s.inits.items():
+                    arms.append((name, "", ["--backbone", path], plain))
+                frac = ["--label-fraction", str(fraction)] if fraction < 1.0 else []
+                for name, arch, args, steps in arms:
+                    for seed in range(s.seeds):
+                        key = f"finetune/{task}/{fraction_tag(fraction)}/{name}/seed{seed}"
+                        # the overrides go before the arm's own (scratch+ sets its trainer.max_steps last)
+                        runs.append(Run(key, "finetune", "finetune.py",
+                                        [*self.task_args(task), *frac, "--seed", str(seed), *s.overrides, *args],
+                                        s.out / key, arch, steps, f"probe/{task}/{arch or self.default_arch}"))
+        return runs, info
+
+    def seconds(self, run: Run, probes: dict[str, Run]) -> float:
+        """Estimated training seconds of a run: its steps x the probe's measured seconds per step."""
+        return self.per_step(probes[run.probe])[1] * run.steps
+
+    # ---- results -----------------------------------------------------------------------------------
+    def results(self, runs: list[Run], info: dict[str, Any]) -> list[ArmResult]:
+        rows: list[ArmResult] = []
+        pretrain = {r.key.removeprefix("pretrain/"): r for r in runs if r.kind == "pretrain"}
+        for task in self.s.tasks:
+            for fraction in self.s.label_fractions:
+                prefix = f"finetune/{task}/{fraction_tag(fraction)}/"
+                values: dict[str, list[float]] = {}
+                archs: dict[str, str] = {}
+                costs: dict[str, dict[str, float | None]] = {}
+                for r in runs:
+                    if not r.key.startswith(prefix) or not r.done():
+                        continue
+                    arm = r.key[len(prefix):].rsplit("/", 1)[0]
+                    values.setdefault(arm, []).append(headline(read_json(r.out / "results.json"), task))
+                    archs[arm] = r.arch or read_arch(r.out)
+                    c = costs.setdefault(arm, {"finetune_flops": 0.0})
+                    c["finetune_flops"] = (c["finetune_flops"] or 0.0) + (r.compute().get("total_flops") or 0.0)
+                for arm, c in costs.items():
+                    c["finetune_flops"] = (c["finetune_flops"] or 0.0) / len(values[arm])
+                    sub = arm if fraction == 1.0 or arm not in LABEL_USING else f"{arm}_{fraction_tag(fraction)}"
+                    if sub in pretrain:
+                        pc = pretrain[sub].compute()
+                        c["pretrain_flops"], c["pretrain_seconds"] = pc.get("total_flops"), pc.get("wall_seconds")
+                rows += summarise(values, task, fraction, archs, costs)
+        return rows
+
+
+def read_arch(run_dir: Path) -> str:
+    """The architecture a finished fine-tuning run trained (its saved config)."""
+    from omegaconf import OmegaConf
+
+    try:
+        return str(OmegaConf.load(run_dir / "config.yaml").model.arch)
+    except (OSError, AttributeError):
+        return ""
+
+
+def headline(results: dict[str, Any], task: str) -> float:
+    value: Any = results
+    for part in HEADLINE[task]:
+        value = value[part]
+    return float(value)
+
+
+@dataclass
+class ArmResult:
+    task: str
+    fraction: float
+    arm: str
+    arch: str
+    values: list[float]
+    interval: Interval
+    pretrain_flops: float | None = None
+    pretrain_seconds: float | None = None
+    finetune_flops: float | None = None
+    vs_scratch_equal: Interval | None = None
+    vs_scratch_plain: Interval | None = None
+    verdict: str | None = None
+
+    @property
+    def total_flops(self) -> float:
+        return (self.pretrain_flops or 0.0) + (self.finetune_flops or 0.0)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["total_flops"] = self.total_flops
+        return d
+
+
+def summarise(values: dict[str, list[float]], task: str, fraction: float, archs: dict[str, str],
+              costs: dict[str, dict[str, float | None]]) -> list[ArmResult]:
+    """Mean and interval per arm; for every other arm, the seed-paired difference to its architecture's
+    scratch+ (the verdict) and scratch."""
+    rows = []
+    for arm, vals in values.items():
+        c = costs.get(arm, {})
+        row = ArmResult(task, fraction, arm, archs.get(arm, ""), vals, t_interval(vals), c.get("pretrain_flops"),
+                        c.get("pretrain_seconds"), c.get("finetune_flops"))
+        if not arm.startswith("scratch"):
+            same = [a for a in values if a.startswith("scratch") and archs.get(a) == archs.get(arm)]
+            equal = next((a for a in same if a.startswith("scratch+")), None)
+            plain = next((a for a in same if not a.startswith("scratch+")), None)
+            if equal and len(values[equal]) == len(vals):
+                row.vs_scratch_equal = paired_difference(vals, values[equal])
+                row.verdict = verdict(row.vs_scratch_equal)
+            if plain and len(values[plain]) == len(vals):
+                row.vs_scratch_plain = paired_difference(vals, values[plain])
+        rows.append(row)
+    return rows
+
+
+def execute(runs: list[Run], estimate: Callable[[Run], float] | None = None, group: str | None = None) -> None:
+    """Run what is not done, in order, one at a time, under a progress bar with the time spent and an
+    estimate of what is left (from `estimate(run)` seconds, else from the runs done so far). `group` becomes
+    every run's W&B group (WANDB_RUN_GROUP)."""
+    from tqdm import tqdm
+
+    env = dict(os.environ, **({"WANDB_RUN_GROUP": group} if group else {}))
+
+    todo = [r for r in runs if not r.done()]
+    left = sum(estimate(r) for r in todo) if estimate else None
+    with tqdm(total=len(runs), initial=len(runs) - len(todo), desc="bake-off", unit="run", dynamic_ncols=True) as bar:
+        for run in todo:
+            if left is not None:
+                bar.set_postfix_str(f"{run.key}; about {left / 60:.0f} min left")
+            else:
+                bar.set_postfix_str(run.key)
+            run.out.mkdir(parents=True, exist_ok=True)
+            with open(run.out / "bakeoff.log", "a") as log:
+                code = subprocess.call(run.command(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
+            if code != 0 or not run.done():
+                tail = (run.out / "bakeoff.log").read_text(errors="replace").strip().splitlines()[-4:]
+                raise UserError(f"{run.key} failed (exit {code}); its log is {run.out / 'bakeoff.log'}: "
+                                + " | ".join(tail))
+            if left is not None and estimate is not None:
+                left = max(left - estimate(run), 0.0)
+            bar.update(1)

@@ -1,0 +1,115 @@
+"""bake-off: budget parsing, the equal-compute arithmetic of the plan (from probe measurements written
+here), the verdicts, and (slow) a tiny real bake-off through the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cheaplunch.bakeoff import BakeOff, Budget, Settings, parse_budget, parse_inits, summarise
+from cheaplunch.errors import UserError
+from cheaplunch.stats import BETTER, TIE
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_parse_budget():
+    assert parse_budget("3e15") == Budget(flops=3e15)
+    assert parse_budget("500steps") == Budget(steps=500)
+    assert parse_budget("500 steps") == Budget(steps=500)
+    for bad in ("abc", "-1", "0steps", "nan"):
+        with pytest.raises(UserError, match="--budget"):
+            parse_budget(bad)
+
+
+def test_parse_inits():
+    assert parse_inits(["imagenet=/x/a.pt"]) == {"imagenet": "/x/a.pt"}
+    for bad in (["noequals"], ["a=1", "a=2"], ["scratch=/x"], ["montage=/x"]):
+        with pytest.raises(UserError, match="--init"):
+            parse_inits(bad)
+
+
+def _fake_probe(run, flops_per_step: float, seconds_per_step: float) -> None:
+    run.out.mkdir(parents=True, exist_ok=True)
+    (run.out / "compute.json").write_text(json.dumps({
+        "flops_per_step": flops_per_step, "processes": 1, "optimizer_steps": 4,
+        "wall_seconds": 4 * seconds_per_step}))
+
+
+def test_plan_gives_equal_compute_to_scratch_plus(tmp_path):
+    s = Settings(data=None, methods=["montage", "fcmae", "scratch"], tasks=["detection"], seeds=2,
+                 budget=Budget(flops=6e12), label_fractions=[1.0], inits={"mine": "/x/b.pt"}, out=tmp_path)
+    bake = BakeOff(s)
+    probes = {p.key: p for p in bake.probes()}
+    measured = {"probe/pretrain/montage": 2e9, "probe/pretrain/fcmae": 3e9,
+                "probe/detection/resnet18": 4e9, "probe/detection/convnextv2_atto": 5e9}
+    assert set(probes) == set(measured)
+    for key, flops in measured.items():
+        _fake_probe(probes[key], flops, 0.5)
+    runs, info = bake.plan(probes)
+    # pre-training steps = budget / FLOPs per step of the method
+    assert info["pretrain_steps"] == {"montage": 3000, "fcmae": 2000}
+    plain = bake.plain_steps("detection")
+    # scratch+ = plain steps + budget / scratch's fine-tuning FLOPs per step, per architecture
+    assert info["scratch_plus_steps"] == {"detection/resnet18": plain + 1500,
+                                          "detection/convnextv2_atto": plain + 1200}
+    keys = {r.key for r in runs}
+    arms = {"scratch", "scratch+", "scratch_convnextv2_atto", "scratch+_convnextv2_atto", "montage", "fcmae", "mine"}
+    assert keys == {"pretrain/montage", "pretrain/fcmae"} | {
+        f"finetune/detection/f1/{a}/seed{k}" for a in arms for k in (0, 1)}
+    longer = next(r for r in runs if r.key == "finetune/detection/f1/scratch+/seed0")
+    assert longer.args[-1] == f"trainer.max_steps={plain + 1500}" and longer.steps == plain + 1500
+    assert bake.seconds(longer, probes) == pytest.approx(0.5 * (plain + 1500))
+    fcmae = next(r for r in runs if r.key == "finetune/detection/f1/fcmae/seed1")
+    assert fcmae.arch == "convnextv2_atto" and str(tmp_path / "pretrain" / "fcmae" / "backbone.pt") in fcmae.args
+
+
+def test_summarise_pairs_each_method_with_its_own_architecture():
+    values = {"scratch": [0.10, 0.12, 0.11], "scratch+": [0.15, 0.16, 0.14], "montage": [0.20, 0.22, 0.21],
+              "scratch_convnextv2_atto": [0.05, 0.06, 0.07], "scratch+_convnextv2_atto": [0.08, 0.09, 0.07],
+              "fcmae": [0.08, 0.10, 0.06]}
+    archs = {a: ("convnextv2_atto" if "convnext" in a or a == "fcmae" else "resnet18") for a in values}
+    rows = {r.arm: r for r in summarise(values, "detection", 1.0, archs, {})}
+    assert rows["montage"].verdict == BETTER
+    assert rows["montage"].vs_scratch_equal.mean == pytest.approx(0.06)
+    assert rows["montage"].vs_scratch_plain.mean == pytest.approx(0.10)
+    assert rows["fcmae"].vs_scratch_equal.mean == pytest.approx(0.0)  # against the ConvNeXt scratch+
+    assert rows["fcmae"].verdict == TIE
+    assert rows["scratch"].verdict is None
+
+
+@pytest.mark.slow
+def test_tiny_bakeoff_end_to_end(tiny_embedded, tmp_path):
+    out = tmp_path / "bake"
+    cmd = [sys.executable, str(REPO / "bakeoff.py"), "--data", str(tiny_embedded), "--methods", "montage", "scratch",
+           "--task", "segmentation", "--seeds", "2", "--budget", "2steps", "--out", str(out),
+           "trainer.max_steps=2", "trainer.val_check_interval=2", "data.batch_size=4"]
+    dry = subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert "estimated" in dry.stdout and "finetune/segmentation/f1/scratch+/seed1" in dry.stdout
+    assert not (out / "pretrain").exists()  # a dry run trains nothing but the probes
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "bakeoff.json").read_text())
+    arms = {r["arm"]: r for r in report["rows"]}
+    assert set(arms) == {"scratch", "scratch+", "montage"}
+    assert arms["montage"]["pretrain_flops"] > 0 and arms["montage"]["verdict"] in ("better", "tie", "worse")
+    assert len(arms["montage"]["values"]) == 2
+    assert (out / "bakeoff.md").is_file() and (out / "bakeoff.png").is_file()
+    # a second call reuses every finished run
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert again.returncode == 0 and "(7 done)" in again.stdout
+
+
+def test_command_puts_overrides_last_in_order(tmp_path):
+    from cheaplunch.bakeoff import Run
+
+    run = Run("k", "finetune", "finetune.py", ["--task", "detection", "trainer.max_steps=5", "--seed", "1",
+                                               "--backbone", "/x/y.pt", "trainer.max_steps=9"], tmp_path, "resnet18")
+    cmd = run.command()
+    assert cmd[-2:] == ["trainer.max_steps=5", "trainer.max_steps=9"]
+    assert cmd[2:8] == ["--task", "detection", "--seed", "1", "--backbone", "/x/y.pt"]
