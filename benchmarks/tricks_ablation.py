@@ -268,11 +268,13 @@ def run_variants(args: argparse.Namespace, out: Path) -> dict:
     results: dict = {"args": vars(args), "command": command_line(args), "variants": {},
                      "machine": f"{os.cpu_count()} CPU cores (shared), torch {torch.__version__}"}
     done: dict = {}
+    previous_wall = 0
     if args.update and out.with_suffix(".json").is_file():
         previous = json.loads(out.with_suffix(".json").read_text())
         check_protocol(previous["args"], args, out)
         done = {(label, v["row"], tuple(v["overrides"]), r["seed"]): r
                 for label, v in previous.get("variants", {}).items() for r in v["runs"]}
+        previous_wall = int(previous.get("total_wall_s", 0))  # the sessions that ran the kept runs
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -293,9 +295,10 @@ def run_variants(args: argparse.Namespace, out: Path) -> dict:
                 r.pop("checkpoint")
                 entry["runs"].append({"seed": seed, **r})
                 print(f"{label} seed {seed}: {r}", flush=True)
-                results["total_wall_s"] = round(time.perf_counter() - start)
+                results["total_wall_s"] = previous_wall + round(time.perf_counter() - start)
                 out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
                 write_variants_markdown(results, args, out.with_suffix(".md"))
+    results["total_wall_s"] = previous_wall + round(time.perf_counter() - start)
     return results
 
 
