@@ -39,6 +39,7 @@ from cheaplunch.errors import UserError
 from lightning_modules.base import PretrainModule
 from models.backbones import create_backbone
 from models.distillation import distillation_loss, soft_cross_entropy
+from models.export import load_weights
 
 INITS = ("xavier", "timm")
 
@@ -131,8 +132,8 @@ def load_teacher(path: str | Path) -> Classifier:
         path = path / "checkpoints" / "last.ckpt"
     if not path.is_file():
         raise UserError(f"model.distill.teacher: checkpoint not found: {path}")
+    ckpt = load_weights(path, "model.distill.teacher checkpoint")  # weights_only=True: a user's path runs no code
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # Lightning checkpoint (our own runs)
         cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
         state = ckpt["state_dict"]
     except (KeyError, TypeError, RuntimeError) as exc:

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from cheaplunch.config import load_config
+from cheaplunch.errors import UserError
 from cheaplunch.registry import METHODS
 from datamodules.classification_pretrain import FASHION_MNIST_DIR, SupervisedBatch, SupervisedDataModule
 from lightning_modules.supervised import SupervisedModule, load_teacher
@@ -163,3 +164,14 @@ def test_train_py_end_to_end_bf16_then_finetune_classification(tmp_path, tiny_em
          "--out", str(ft), "--logger", "none", "trainer.max_steps=1", "trainer.val_check_interval=1",
          "data.image_size=32", "data.batch_size=8", "data.val_batch_size=16")
     assert set(json.loads((ft / "results.json").read_text())) == {"top1", "top5"}
+
+
+class _Payload:
+    """A pickled Python object: loading it with weights_only=False would run arbitrary code."""
+
+
+def test_teacher_checkpoint_with_pickled_objects_is_refused(tmp_path):
+    path = tmp_path / "teacher.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"config": {}}, "payload": _Payload()}, path)
+    with pytest.raises(UserError, match="refused for safety"):
+        load_teacher(path)
