@@ -7,17 +7,59 @@ channel counts in ``models.detectors.convert_norm``, ``data.class_names`` agains
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import math
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 from cheaplunch.errors import UserError
 from lightning_modules.base import optimizer_kwargs
 
-MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision's (it only warns otherwise)
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+# The typed part of the config schema: key -> (type, test of the value, what is allowed). Keys a method or
+# task does not have are skipped.
+SCHEMA: dict[str, tuple[type, Callable[[Any], bool], str]] = {
+    "seed": (int, lambda v: v >= 0, "an integer >= 0"),
+    "trainer.max_steps": (int, lambda v: v >= 1, "an integer >= 1 (the lr schedule needs a finite length)"),
+    "trainer.accumulate_grad_batches": (int, lambda v: v >= 1, "an integer >= 1"),
+    "data.batch_size": (int, lambda v: v >= 1, "an integer >= 1"),
+    "data.val_batch_size": (int, lambda v: v >= 1, "an integer >= 1"),
+    "data.num_workers": (int, lambda v: v >= 0, "an integer >= 0"),
+    "optim.lr": (float, lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+    "optim.weight_decay": (float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0"),
+    "optim.momentum": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "optim.reference_batch_size": (int, lambda v: v >= 1, "an integer >= 1"),
+    "schedule.warmup_steps": (int, lambda v: v >= 0, "an integer >= 0"),
+    "schedule.warmup_start_factor": (float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "schedule.min_lr_factor": (float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "ema.decay": (float, lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "checkpoint.every_n_steps": (int, lambda v: v >= 1, "an integer >= 1"),
+    "logging.num_images": (int, lambda v: v >= 0, "an integer >= 0"),
+}
+
+
+def check_schema(cfg: DictConfig) -> None:
+    """Types and ranges of the SCHEMA keys: one UserError with the key, the value and what is allowed."""
+    for key, (kind, ok, allowed) in SCHEMA.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:
+            continue
+        try:
+            if kind is int and (isinstance(value, bool) or float(value) != int(float(value))):
+                raise ValueError
+            number = kind(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{key}={value!r}: must be {allowed}") from None
+        if not ok(number):
+            raise UserError(f"{key}={value!r}: must be {allowed}")  # torch.set_float32_matmul_precision's (it only warns otherwise)
 
 
 def check_config(cfg: DictConfig, *, task: str | None = None, training: bool = True) -> None:
     """Every start-up check: `task` is the fine-tuning task (None for pre-training); `training=False` (an
     evaluation) skips the checks of options that only training reads."""
+    check_schema(cfg)
     precision = str(cfg.runtime.matmul_precision)
     if precision not in MATMUL_PRECISIONS:
         raise UserError(f"runtime.matmul_precision={precision}: must be one of {', '.join(MATMUL_PRECISIONS)}")

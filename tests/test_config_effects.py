@@ -172,3 +172,20 @@ def test_group_norm_needs_groups_that_divide_the_channels():
         convert_norm(model(), "gn", 16)
     norm = convert_norm(model(), "gn", 8).stem.bn
     assert isinstance(norm, nn.GroupNorm) and norm.num_groups == 8
+
+
+@pytest.mark.parametrize("run, override, message", [
+    ("montage", "trainer.max_steps=-1", "trainer.max_steps=-1: must be an integer >= 1"),
+    ("montage", "data.batch_size=0", "data.batch_size=0: must be an integer >= 1"),
+    ("montage", "optim.lr=abc", "optim.lr='abc': must be a number > 0"),
+    ("montage", "data.batch_size=2.5", "data.batch_size=2.5: must be an integer >= 1"),
+    ("detection", "ema.decay=1.5", "ema.decay=1.5: must be a number in (0, 1)"),
+    ("classification", "optim.weight_decay=-0.1", "optim.weight_decay=-0.1: must be a number >= 0"),
+])
+def test_config_types_and_ranges_fail_before_data_is_read(run, override, message, tmp_path):
+    """Issue #14: invalid values are one error naming the key, the value and what is allowed (schema)."""
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        if run in METHODS:
+            run_pretraining(run, data=NO_DATA, logger="none", out=tmp_path, overrides=[override])
+        else:
+            run_finetune(run, data=NO_DATA, logger="none", out=tmp_path, overrides=[override])
