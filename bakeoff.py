@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bakeoff.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Pre-train with each method at the same measured compute, fine-tune every backbone and "
                     "scratch on your detection / segmentation data over several seeds, and say which wins "
-                    "(mean, 95%% interval, verdict from the seed-paired difference to scratch at equal total "
+                    "(mean, 95% interval, verdict from the seed-paired difference to scratch at equal total "
                     "compute).",
         epilog="Outputs in --out: bakeoff.md, bakeoff.json, bakeoff.png, a W&B run, and one folder per run.\n"
                "Re-running the same command reuses finished runs and resumes interrupted ones.")
