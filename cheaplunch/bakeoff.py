@@ -184,16 +184,18 @@ class BakeOff:
         return args + (["--detector", self.s.detector] if task == "detection" else [])
 
     def probes(self) -> list[Run]:
+        """4-step runs measuring each pre-training's and each (task, arch) fine-tuning's cost per step (the
+        probe's own settings come last, so the user's overrides cannot change its length)."""
         quick = [f"trainer.max_steps={PROBE_STEPS}", "checkpoint.every_n_steps=1000000"]
         runs = [Run(f"probe/pretrain/{m}", "probe", "train.py",
-                    ["--method", m, *self.common, "--seed", "0", *quick, *self.s.pretrain_overrides],
+                    ["--method", m, *self.common, "--seed", "0", *self.s.pretrain_overrides, *quick],
                     self.s.out / "probe" / "pretrain" / m, self.archs[m], PROBE_STEPS, f"probe/pretrain/{m}")
                 for m in self.pretrain_methods]
         for task in self.s.tasks:
             for arch in self.scratch_archs:
                 runs.append(Run(f"probe/{task}/{arch}", "probe", "finetune.py",
-                                [*self.task_args(task), "--backbone", "scratch", "--arch", arch, *quick,
-                                 "trainer.val_check_interval=1000000", "trainer.limit_val_batches=1", *self.s.overrides],
+                                [*self.task_args(task), "--backbone", "scratch", "--arch", arch, *self.s.overrides,
+                                 *quick, "trainer.val_check_interval=1000000", "trainer.limit_val_batches=1"],
                                 self.s.out / "probe" / task / arch, arch, PROBE_STEPS, f"probe/{task}/{arch}"))
         return runs
 
