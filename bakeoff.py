@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             print("budget arithmetic: " + str(info))
             return
         execute(runs, estimate=lambda r: seconds[r.key], group=out.name)
-        rows = bake.results(runs, info)
+        rows = bake.results(runs)
         command = "python bakeoff.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
         write_plot(out / "bakeoff.png", rows, s)
         write_markdown(out / "bakeoff.md", rows, s, command, info)

@@ -3,9 +3,10 @@
 FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` around the forward and backward of
 real training steps of the run itself (from the LightningModule's ``training_step`` to the end of its
 backward; other callbacks' work, e.g. a montage ERF refresh, stays outside): steps ``skip`` ..
-``skip + count - 1`` (the first step is skipped: lazy initialisation is not a typical step). Total FLOPs = mean FLOPs of the counted steps x optimizer steps run, per process, x the
-number of processes. Beside it: wall seconds of training, images seen and the device, so that a budget
-in FLOPs can be compared across machines and a budget in time on one machine.
+``skip + count - 1`` (the first step is skipped: lazy initialisation is not a typical step). Total FLOPs =
+mean FLOPs of the counted steps x optimizer steps run, per process, x the number of processes. Beside
+it: wall seconds of training, images seen and the device, so that a budget in FLOPs can be compared across
+machines and a budget in time on one machine.
 """
 
 from __future__ import annotations
@@ -90,10 +91,13 @@ class ComputeMeter(Callback):
         pl_module.__dict__.pop("training_step", None)
 
     # ---- result -----------------------------------------------------------------------------------
+    def _wall_seconds(self) -> float:
+        """Training seconds so far, over every (resumed) session."""
+        return self._wall_before + (time.perf_counter() - self._started if self._started is not None else 0.0)
+
     def summary(self, trainer: L.Trainer) -> dict[str, Any]:
         steps = int(trainer.global_step)
         world = int(trainer.world_size)
-        wall = self._wall_before + (time.perf_counter() - self._started if self._started is not None else 0.0)
         per_step = statistics.fmean(self.step_flops) if self.step_flops else None
         device = str(trainer.strategy.root_device)
         if trainer.strategy.root_device.type == "cuda":
@@ -106,15 +110,14 @@ class ComputeMeter(Callback):
             "counted_steps": len(self.step_flops),
             "processes": world,
             "total_flops": per_step * steps * world if per_step is not None else None,
-            "wall_seconds": round(wall, 2),
+            "wall_seconds": round(self._wall_seconds(), 2),
             "images_seen": (self._images_before + self._images) * world,
             "device": device,
             "method": "FlopCounterMode on counted real steps; total = mean per step x steps x processes",
         }
 
     def state_dict(self) -> dict[str, Any]:
-        wall = self._wall_before + (time.perf_counter() - self._started if self._started is not None else 0.0)
-        return {"step_flops": list(self.step_flops), "wall_seconds": wall,
+        return {"step_flops": list(self.step_flops), "wall_seconds": self._wall_seconds(),
                 "images": self._images_before + self._images}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -162,6 +162,12 @@ def fraction_tag(fraction: float) -> str:
     return f"f{fraction:g}"
 
 
+def pretrain_name(method: str, fraction: float) -> str:
+    """Folder name of a method's pre-training run: label-using methods pre-train on the labelled subset, so
+    they get one run per label fraction; the others one run for every fraction."""
+    return method if fraction == 1.0 or method not in LABEL_USING else f"{method}_{fraction_tag(fraction)}"
+
+
 def scratch_name(arch: str, default_arch: str) -> str:
     return "scratch" if arch == default_arch else f"scratch_{arch}"
 
@@ -228,7 +234,7 @@ class BakeOff:
                           for arch in self.scratch_archs}
         for fraction in s.label_fractions:
             for m in self.pretrain_methods:
-                sub = m if fraction == 1.0 or m not in LABEL_USING else f"{m}_{fraction_tag(fraction)}"
+                sub = pretrain_name(m, fraction)
                 if any(r.key == f"pretrain/{sub}" for r in runs):
                     continue
                 extra = [f"data.label_fraction={fraction}"] if fraction < 1.0 and m in LABEL_USING else []
@@ -250,7 +256,7 @@ class BakeOff:
                     arms.append((name.replace("scratch", "scratch+", 1), arch,
                                  ["--backbone", "scratch", "--arch", arch, f"trainer.max_steps={longer}"], longer))
                 for m in self.pretrain_methods:
-                    sub = m if fraction == 1.0 or m not in LABEL_USING else f"{m}_{fraction_tag(fraction)}"
+                    sub = pretrain_name(m, fraction)
                     arms.append((m, self.archs[m], ["--backbone", str(s.out / "pretrain" / sub / "backbone.pt")],
                                  plain))
                 for name, path in s.inits.items():
@@ -270,7 +276,7 @@ class BakeOff:
         return self.per_step(probes[run.probe])[1] * run.steps
 
     # ---- results -----------------------------------------------------------------------------------
-    def results(self, runs: list[Run], info: dict[str, Any]) -> list[ArmResult]:
+    def results(self, runs: list[Run]) -> list[ArmResult]:
         rows: list[ArmResult] = []
         pretrain = {r.key.removeprefix("pretrain/"): r for r in runs if r.kind == "pretrain"}
         for task in self.s.tasks:
@@ -289,7 +295,7 @@ class BakeOff:
                     c["finetune_flops"] = (c["finetune_flops"] or 0.0) + (r.compute().get("total_flops") or 0.0)
                 for arm, c in costs.items():
                     c["finetune_flops"] = (c["finetune_flops"] or 0.0) / len(values[arm])
-                    sub = arm if fraction == 1.0 or arm not in LABEL_USING else f"{arm}_{fraction_tag(fraction)}"
+                    sub = pretrain_name(arm, fraction)
                     if sub in pretrain:
                         pc = pretrain[sub].compute()
                         c["pretrain_flops"], c["pretrain_seconds"] = pc.get("total_flops"), pc.get("wall_seconds")

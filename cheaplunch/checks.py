@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from cheaplunch.errors import UserError
 from lightning_modules.base import optimizer_kwargs
 
-MATMUL_PRECISIONS = ("highest", "high", "medium")
+MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision's (it only warns otherwise)
 
 # The typed part of the config schema: key -> (type, test of the value, what is allowed). Keys a method or
 # task does not have are skipped.
@@ -53,7 +53,7 @@ def check_schema(cfg: DictConfig) -> None:
         except (TypeError, ValueError):
             raise UserError(f"{key}={value!r}: must be {allowed}") from None
         if not ok(number):
-            raise UserError(f"{key}={value!r}: must be {allowed}")  # torch.set_float32_matmul_precision's (it only warns otherwise)
+            raise UserError(f"{key}={value!r}: must be {allowed}")
 
 
 def check_config(cfg: DictConfig, *, task: str | None = None, training: bool = True) -> None:
