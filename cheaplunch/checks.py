@@ -34,6 +34,7 @@ SCHEMA: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "schedule.warmup_steps": (int, lambda v: v >= 0, "an integer >= 0"),
     "schedule.warmup_start_factor": (float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "schedule.min_lr_factor": (float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "optim.layer_decay": (float, lambda v: 0 < v <= 1, "a number in (0, 1], or null for no layer-wise lr decay"),
     "ema.decay": (float, lambda v: 0 < v < 1, "a number in (0, 1)"),
     "checkpoint.every_n_steps": (int, lambda v: v >= 1, "an integer >= 1"),
     "logging.num_images": (int, lambda v: v >= 0, "an integer >= 0"),
@@ -70,13 +71,17 @@ def check_config(cfg: DictConfig, *, task: str | None = None, training: bool = T
         return
     optimizer_kwargs(cfg.optim)  # an unknown optimizer name, or the wrong number of betas
     if task is not None:
-        check_frozen_backbone(cfg.model)
+        check_frozen_backbone(cfg)
 
 
-def check_frozen_backbone(model: DictConfig) -> None:
+def check_frozen_backbone(cfg: DictConfig) -> None:
     """``model.freeze_backbone=true`` leaves nothing for options that act on a training backbone."""
+    model = cfg.model
     if not model.get("freeze_backbone", False):
         return
+    if cfg.optim.get("layer_decay") is not None:
+        raise UserError("optim.layer_decay has no effect when the backbone is frozen (model.freeze_backbone=true): "
+                        "only the head trains, at one lr; set optim.layer_decay=null")
     stages = int(model.get("frozen_stages") or 0)
     if stages > 0:
         raise UserError(f"model.frozen_stages={stages} has no effect with model.freeze_backbone=true (the whole "

@@ -195,26 +195,15 @@ class PretrainModule(L.LightningModule):
 
         return ordinal
 
-    def check_layer_decay(self) -> float | None:
-        """``optim.layer_decay`` as a number, or None when off; a setting that cannot act is an error."""
-        decay = self.cfg.optim.get("layer_decay")
-        if decay is None:
-            return None
-        decay = float(decay)
-        if not 0.0 < decay <= 1.0:
-            raise UserError(f"optim.layer_decay={decay}: must be in (0, 1] (or null for no layer-wise lr decay)")
-        if not any(p.requires_grad for p in self.backbone.parameters()):
-            raise UserError("optim.layer_decay has no effect when the backbone is frozen (model.freeze_backbone=true): "
-                            "only the head trains, at one lr; set optim.layer_decay=null")
-        return decay
-
     def configure_optimizers(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
         world = self.trainer.world_size if self._trainer is not None else 1
         self.peak_lr = peak_lr(self.cfg, world)
         return create_optimizer_v2(
             self, opt=str(o.name).lower(), lr=self.peak_lr, weight_decay=float(o.weight_decay),
-            filter_bias_and_bn=bool(o.no_decay_bias_norm), layer_decay=self.check_layer_decay(), **optimizer_kwargs(o),
+            filter_bias_and_bn=bool(o.no_decay_bias_norm),
+            layer_decay=None if o.get("layer_decay") is None else float(o.layer_decay),  # range: cheaplunch.checks
+            **optimizer_kwargs(o),
         )
 
     def images_due(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cheaplunch.checks import check_config
 from cheaplunch.config import load_config
 from cheaplunch.errors import UserError
 from cheaplunch.finetune import run_finetune
@@ -100,10 +101,10 @@ def test_detection_and_segmentation_backbone_decays_head_does_not(task, head_par
     (["model.freeze_backbone=false", "optim.layer_decay=1.5"], "(0, 1]"),
     (["model.freeze_backbone=false", "optim.layer_decay=0"], "(0, 1]"),
 ])
-def test_layer_decay_that_cannot_act_is_an_error(overrides, message):
-    module = _module("classification", ["model.arch=resnet18", *overrides])
+def test_layer_decay_that_cannot_act_is_a_start_up_error(overrides, message):
+    cfg = load_config(TASKS["classification"].config_path, overrides=["model.arch=resnet18", *overrides])
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace("]", r"\]")):
-        module.configure_optimizers()
+        check_config(cfg, task="classification")
 
 
 def test_layer_decay_off_is_one_group_scale():
