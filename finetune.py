@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cheaplunch.cli import add_overrides_argument, add_run_arguments, run_cli
+from cheaplunch.cli import add_overrides_argument, add_run_arguments, flag_overrides, run_cli
 from cheaplunch.errors import UserError
 from cheaplunch.registry import TASKS, describe, lookup
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             config=args.config, logger=args.logger, devices=args.devices, num_nodes=args.num_nodes, seed=args.seed,
             out=Path(args.out) if args.out else None, resume=args.resume, label_fraction=args.label_fraction,
             label_count=args.label_count, eval_only=args.eval_only, checkpoint=args.checkpoint,
-            overrides=args.overrides,
+            overrides=[*flag_overrides(args), *args.overrides],
         )
 
     return run_cli(body)

@@ -11,21 +11,29 @@ command (or a SLURM requeue) continues exactly where the run stopped.
   exception path, at an epoch end after the epoch counter moved on, a state it then resumes into an empty
   epoch; its own SLURM handler saves from inside the signal handler, possibly mid-step. We use neither.)
 - Ctrl+C (KeyboardInterrupt) saves `last.ckpt` from Lightning's exception path.
-- A non-finite loss is *not* checkpointed: the last good checkpoint stays the newest one.
+- A non-finite loss is *not* checkpointed, and no checkpoint whose weights, buffers or optimizer state hold
+  NaN/inf is ever written (`SafeCheckpointIO`; BatchNorm statistics can blow up steps before the loss does):
+  the last good checkpoint stays the newest one.
+- Checkpoints are written to a temporary file in their own folder and renamed over the target, so a full
+  disk or a crash mid-write leaves the previous file whole (Lightning's writer stages in /tmp and copies).
 - A `last.ckpt` that cannot be read back (a write cut short by a crash or a full disk) is refused before
   training with one line that offers the newest intact `step*.ckpt` beside it (`check_resume_checkpoint`).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 import signal
 import subprocess
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -34,6 +42,80 @@ from cheaplunch import slurm
 from cheaplunch.errors import UserError
 
 _STEP_CKPT = re.compile(r"step(\d+)(?:-v\d+)?\.ckpt")  # ModelCheckpoint's names (runner: filename="step{step:07d}")
+_TEMPORARY = ".tmp-"  # infix of SafeCheckpointIO's temporary files: ".last.ckpt.tmp-<pid>"
+
+
+def first_non_finite(tree: Any, prefix: str = "") -> str | None:
+    """The name of the first floating-point tensor holding NaN/inf in a nest of dicts / lists (a state
+    dict, optimizer states), or None when all are finite."""
+    if isinstance(tree, torch.Tensor):
+        return prefix or "tensor" if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else None
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return None
+    for key, value in items:
+        found = first_non_finite(value, f"{prefix}.{key}" if prefix else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """The checkpoint writer of every run (``Trainer(plugins=[SafeCheckpointIO()])``).
+
+    - A checkpoint whose weights, buffers or optimizer state hold NaN/inf is not written (one warning
+      per run), so `last.ckpt` and the step checkpoints always hold a state one can resume from.
+    - The file is written to a temporary file in the target's folder, synced and renamed over the
+      target: a full disk or a crash leaves the previous checkpoint whole, and the temporary is removed.
+      A write that fails is a one-line UserError naming the file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused_step: int | None = None
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        bad = first_non_finite({"state_dict": checkpoint.get("state_dict", {}),
+                                "optimizer_states": checkpoint.get("optimizer_states", [])})
+        if bad is not None:
+            step = checkpoint.get("global_step")
+            if self.refused_step is None:
+                rank_zero_warn(f"{path}: not written at step {step}: {bad} holds NaN/inf (the previous checkpoint "
+                               "stays the newest); lower optim.lr or check the data")
+            self.refused_step = step
+            return
+        temporary = path.with_name(f".{path.name}{_TEMPORARY}{os.getpid()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(temporary, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, path)
+        except OSError as exc:
+            temporary.unlink(missing_ok=True)
+            why = "no space left on the device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+            kept = "; the previous checkpoint there is intact" if path.is_file() else ""
+            raise UserError(f"{path}: cannot write the checkpoint ({why}){kept}; free space or choose "
+                            "another --out") from exc
+
+
+def remove_stray_temporaries(directory: Path | str) -> list[Path]:
+    """Delete the temporary files a killed ``SafeCheckpointIO`` write left in `directory`; returns them."""
+    directory = Path(directory)
+    stray = [p for p in directory.glob(f".*.ckpt{_TEMPORARY}*") if p.is_file()] if directory.is_dir() else []
+    for p in stray:
+        p.unlink(missing_ok=True)
+    return stray
+
+
+def newest_good_checkpoint(directory: Path | str) -> Path | None:
+    """``last.ckpt`` when it is intact, else the newest intact step checkpoint; None when neither is."""
+    last = Path(directory) / "last.ckpt"
+    return last if is_intact_checkpoint(last) else newest_intact_step_checkpoint(directory, exclude=last)
 
 
 def is_intact_checkpoint(path: Path | str) -> bool:

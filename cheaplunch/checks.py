@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cheaplunch.errors import UserError
+from datamodules.image_check import BAD_IMAGE_POLICIES
 from lightning_modules.base import optimizer_kwargs
 
 MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision's (it only warns otherwise)
@@ -61,6 +62,9 @@ def check_config(cfg: DictConfig, *, task: str | None = None, training: bool = T
     """Every start-up check: `task` is the fine-tuning task (None for pre-training); `training=False` (an
     evaluation) skips the checks of options that only training reads."""
     check_schema(cfg)
+    policy = OmegaConf.select(cfg, "data.bad_images", default=None)
+    if policy is not None and policy not in BAD_IMAGE_POLICIES:
+        raise UserError(f"data.bad_images={policy!r}: must be one of {', '.join(BAD_IMAGE_POLICIES)}")
     precision = str(cfg.runtime.matmul_precision)
     if precision not in MATMUL_PRECISIONS:
         raise UserError(f"runtime.matmul_precision={precision}: must be one of {', '.join(MATMUL_PRECISIONS)}")

@@ -21,6 +21,14 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, default_out: str, seed
     parser.add_argument("--out", metavar="DIR", help=f"run folder (default: {default_out})")
     parser.add_argument("--resume", default="auto", metavar="auto|never|CKPT",
                         help="auto: continue from the run folder's last.ckpt if present (default)")
+    parser.add_argument("--cache-dir", metavar="DIR",
+                        help="folder for data derived from the dataset, e.g. montage sample banks (default: "
+                             "$CHEAPLUNCH_CACHE or ~/.cache/cheaplunch); the dataset folder is never written")
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """The flags that are plain config keys, as ``key=value`` overrides (explicit ones given after win)."""
+    return [f"data.cache_dir={args.cache_dir}"] if getattr(args, "cache_dir", None) else []
 
 
 def add_overrides_argument(parser: argparse.ArgumentParser) -> None:

@@ -37,6 +37,7 @@ from cheaplunch.runner import (
     default_run_dir,
     fit_in_run_dir,
     make_logger,
+    make_run_dir,
     write_run_config,
 )
 from models.backbone_loading import SCRATCH, BackboneSource, resolve_backbone
@@ -185,13 +186,12 @@ def run_finetune(
     if decoder_note:
         notes.append(decoder_note)
     job = apply_slurm_environment(cfg)
-    run_dir = Path(out or default_run_dir(f"finetune_{task}", job)).resolve()
+    run_dir = make_run_dir(Path(out or default_run_dir(f"finetune_{task}", job)).resolve())
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = _describe_data(entry, cfg)
     for note in notes:
         rank_zero_info(note)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(cfg, run_dir)
     rank_zero_info(f"{task}: {cfg.model.arch} from {source.description}; {cfg.model.num_classes} classes")
     module = entry.module_class()(cfg, backbone_state=source.state, backbone_source=source.description,
@@ -270,8 +270,7 @@ def evaluate_checkpoint(
     if out is None:
         run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         out = run / "eval"
-    run_dir = Path(out).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = make_run_dir(Path(out).resolve())
     pl_logger = make_logger(str(cfg.logging.logger), run_dir, cfg)
     trainer = build_trainer(cfg, run_dir, [], pl_logger)
     trainer.validate(module, datamodule=datamodule, verbose=False)

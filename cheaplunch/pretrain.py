@@ -17,6 +17,7 @@ from cheaplunch.runner import (
     apply_slurm_environment,
     default_run_dir,
     fit_in_run_dir,
+    make_run_dir,
     write_run_config,
 )
 
@@ -44,7 +45,7 @@ def run_pretraining(
         cfg.logging.logger = logger
     check_config(cfg)
     job = apply_slurm_environment(cfg)
-    run_dir = (out or default_run_dir(method, job)).resolve()
+    run_dir = make_run_dir((out or default_run_dir(method, job)).resolve())
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     datamodule = entry.datamodule_class().from_config(cfg)
 
@@ -55,7 +56,6 @@ def run_pretraining(
         rank_zero_info(f"wrote {len(paths)} previews to {run_dir / 'preview'}")
         return run_dir
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     write_run_config(cfg, run_dir)
     module = entry.module_class()(cfg)
     fit_in_run_dir(cfg, run_dir, module, datamodule, resume=resume, export=True)

@@ -21,7 +21,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig
 
 from callbacks.compute import ComputeMeter
-from callbacks.fault_tolerance import CheckpointOnInterrupt, check_resume_checkpoint
+from callbacks.fault_tolerance import (
+    CheckpointOnInterrupt,
+    SafeCheckpointIO,
+    check_resume_checkpoint,
+    newest_good_checkpoint,
+    remove_stray_temporaries,
+)
 from callbacks.lr_schedule import WarmupCosineLR
 from callbacks.run_artifacts import ExportBackbone, RankAudit
 from cheaplunch import REPO_ROOT, slurm
@@ -139,7 +145,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback],
     processes = int(trainer_kwargs["devices"]) * int(trainer_kwargs["num_nodes"])
     if processes > 1 and trainer_kwargs.get("strategy") == "auto":
         trainer_kwargs["strategy"] = "ddp"  # not Lightning's spawn-based default on CPU
-    plugins = []
+    plugins: list = [SafeCheckpointIO()]  # never a non-finite checkpoint; temporary file + rename
     if slurm.detect() is not None:
         # Ranks and world size from SLURM. Requeueing on SIGUSR1 is done by callbacks.fault_tolerance
         # (at a step boundary), not by Lightning's handler (which saves from inside the signal handler).
@@ -149,6 +155,19 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback],
                          **trainer_kwargs)
     except (TypeError, ValueError) as exc:
         raise UserError(f"bad trainer settings in the config ({exc})") from exc
+
+
+def make_run_dir(run_dir: Path) -> Path:
+    """Create the run folder and check that it takes files, before any data is read: a read-only or
+    impossible ``--out`` is one line, not a traceback at the first checkpoint."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"{run_dir}: cannot write the run folder ({exc.strerror or exc}); choose another --out") from exc
+    return run_dir
 
 
 def find_resume_checkpoint(run_dir: Path, resume: str) -> str | None:
@@ -184,11 +203,17 @@ def fit_in_run_dir(cfg: DictConfig, run_dir: Path, module: L.LightningModule, da
     pl_logger = make_logger(str(cfg.logging.logger), run_dir, cfg)
     log_config(pl_logger, cfg)
     trainer = build_trainer(cfg, run_dir, standard_callbacks(cfg, run_dir, export=export), pl_logger)
+    if trainer.is_global_zero:
+        for stray in remove_stray_temporaries(run_dir / "checkpoints"):
+            rank_zero_info(f"removed {stray}, left by a checkpoint write that was cut short")
     ckpt = find_resume_checkpoint(run_dir, resume)
     if ckpt is not None:
         check_resume_checkpoint(Path(ckpt))
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     except NonFiniteLossError as exc:
-        raise UserError(str(exc)) from exc
+        good = newest_good_checkpoint(run_dir / "checkpoints")
+        where = (f"the newest good checkpoint is {good}: lower optim.lr and add --resume {good} to continue from "
+                 "it" if good is not None else "no checkpoint was written before it")
+        raise UserError(f"{exc}; {where}") from exc
     return trainer

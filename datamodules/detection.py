@@ -11,6 +11,7 @@ annotations, so evaluation needs no rescaling. Training: horizontal flip (p = ``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cheaplunch.errors import DataError
 from datamodules.finetune_common import loader_kwargs, subset_from_config, val_loader
+from datamodules.image_check import check_images
 from datamodules.layout import DatasetPaths, resolve_dataset
 from datamodules.readers import CocoDataset, load_coco, read_image
 
@@ -146,14 +148,36 @@ class DetectionDataModule(L.LightningDataModule):
             raise DataError(f"{self.paths.train_ann}: no training image with a box in the chosen subset")
         return chosen
 
+    def readable(self, coco: CocoDataset, indices: np.ndarray, split: str) -> np.ndarray:
+        """`indices` of images that decode (``data.bad_images``: an unreadable one is an error, or is left
+        out with one warning); decoded once per file, then cached (``datamodules.image_check``)."""
+        paths = [coco.images[i].path for i in indices]
+        bad = check_images(paths, policy=str(self.cfg.data.bad_images), what=f"{coco.ann_file} ({split})",
+                           cache_dir=self.cfg.data.get("cache_dir"))
+        keep = np.array([i for i, p in zip(indices, paths) if Path(p) not in bad], dtype=np.int64)
+        if len(keep) == 0:
+            raise DataError(f"{coco.ann_file}: no readable {split} image" + (" with a box" if split == "train" else ""))
+        return keep
+
+    def prepare_data(self) -> None:
+        """Decode the images once on local rank 0, so that every rank's ``setup`` finds the checks cached."""
+        fitting = self.trainer is None or self.trainer.state.fn == "fit"
+        if fitting:
+            indices = self.train_indices()  # reads the annotations
+            self.readable(self.train_coco, indices, "train")
+        self.load(train=False)
+        self.readable(self.val_coco, np.arange(len(self.val_coco.images)), "val")
+
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", None) and self.train_set is None:
-            indices = self.train_indices()
+            indices = self.train_indices()  # reads the annotations
+            indices = self.readable(self.train_coco, indices, "train")
             self.train_set = CocoDetection(self.train_coco, indices, train=True, flip_p=float(self.cfg.data.flip_p),
                                            with_masks=self.with_masks)
         if self.val_set is None:
             self.load(train=False)
-            self.val_set = CocoDetection(self.val_coco)
+            self.val_set = CocoDetection(self.val_coco, self.readable(self.val_coco, np.arange(len(self.val_coco.images)),
+                                                                      "val"))
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=int(self.cfg.data.batch_size), shuffle=True, drop_last=False,

@@ -112,3 +112,28 @@ def resolve_dataset(root: str | Path | None, *, embedded_size: int = 300, seed: 
         f"or a .yaml naming the paths{'' if need_val else ' (the val split is optional here)'}; "
         f"found: {', '.join(found[:30]) or 'an empty folder'}"
     )
+
+
+CACHE_ENV = "CHEAPLUNCH_CACHE"  # overrides the default cache folder, like --cache-dir
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The folder for data derived from a dataset (montage sample banks, image checks); never the dataset's
+    own folder, which may be read-only or shared. ``cache_dir`` (``--cache-dir`` / ``data.cache_dir``), else
+    ``$CHEAPLUNCH_CACHE``, else ``$XDG_CACHE_HOME/cheaplunch`` (``~/.cache/cheaplunch``). Entries below it are
+    keyed by the dataset's files, so datasets and settings never share one. Created on first use; a folder
+    that cannot be written is a one-line UserError."""
+    import os
+
+    if cache_dir is None:
+        cache_dir = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cheaplunch"
+    root = Path(cache_dir).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"{root}: cannot write the cache folder ({exc.strerror or exc}); pass --cache-dir DIR "
+                        f"(or set {CACHE_ENV}) to a writable folder") from exc
+    return root

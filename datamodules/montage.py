@@ -569,9 +569,10 @@ def denormalize(images: torch.Tensor) -> np.ndarray:
 class MontageDataModule(L.LightningDataModule):
     """Detection set -> sample bank (built once, cached) -> montage batches.
 
-    ``prepare_data`` (local rank 0) resolves the dataset (``datamodules.layout.resolve_dataset``; the
+    ``prepare_data`` (global rank 0) resolves the dataset (``datamodules.layout.resolve_dataset``; the
     embedded set when ``data_root`` is None) and builds the bank from its train split into
-    ``<data root>/sample_bank/<hash of settings>/`` (or ``bank_dir``). ``setup`` opens it.
+    ``<cache>/sample_bank/<hash of the annotation file and settings>/`` (``cache``: ``cache_dir`` or the
+    default of ``datamodules.layout.cache_root``; never the dataset folder), or ``bank_dir``. ``setup`` opens it.
     ``num_classes`` counts the background (C + 1). ``max_side`` (stored crop cap) defaults to 2x the
     canvas; ``epoch_size`` (montages per epoch, all ranks together) to ``len(bank) // 4``.
     """
@@ -588,6 +589,7 @@ class MontageDataModule(L.LightningDataModule):
         neg_ratio: float = 0.1,
         negatives_avoid: str = DEFAULT_NEGATIVES_AVOID,
         bank_dir: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
         seed: int = 0,
         epoch_size: int | None = None,
         embedded_size: int = 300,
@@ -596,8 +598,8 @@ class MontageDataModule(L.LightningDataModule):
         pad: str = "random",
     ) -> None:
         super().__init__()
-        # The bank is written next to the dataset, which every node of a cluster job sees (a shared file
-        # system, as the run folder must be for requeueing): build it once, on global rank 0.
+        # The bank is written to the cache folder, which every node of a cluster job must see (a shared file
+        # system, as the run folder must be for requeueing; pass --cache-dir otherwise): built once, on global rank 0.
         self.prepare_data_per_node = False
         self.data_root = data_root
         self.batch_size = int(batch_size)
@@ -609,6 +611,7 @@ class MontageDataModule(L.LightningDataModule):
         self.neg_ratio = float(neg_ratio)
         self.negatives_avoid = check_negatives_avoid(negatives_avoid)
         self.bank_dir = bank_dir
+        self.cache_dir = cache_dir
         self.seed = int(seed)
         self.epoch_size = epoch_size
         self.embedded_size = int(embedded_size)
@@ -625,7 +628,7 @@ class MontageDataModule(L.LightningDataModule):
         data = cfg.data
         kwargs: dict[str, Any] = {"data_root": data.get("root"), "seed": int(cfg.get("seed", 0))}
         for key in ("batch_size", "num_workers", "canvas", "split", "scale_range", "flip_p", "neg_ratio",
-                    "negatives_avoid", "epoch_size", "embedded_size", "pin_memory", "max_side"):
+                    "negatives_avoid", "epoch_size", "embedded_size", "pin_memory", "max_side", "cache_dir"):
             if data.get(key) is not None:
                 value = data.get(key)
                 kwargs[key] = tuple(value) if key in ("split", "scale_range") or (
@@ -678,12 +681,14 @@ class MontageDataModule(L.LightningDataModule):
                 "negatives_avoid": self.negatives_avoid, "max_side": self.max_side, "version": BANK_VERSION}
 
     def bank_path(self, paths: Any | None = None) -> Path:
-        """Where the bank lives: ``bank_dir`` or ``<data root>/sample_bank/<hash of settings>``."""
+        """Where the bank lives: ``bank_dir`` or ``<cache>/sample_bank/<hash of annotation file + settings>``."""
         if self.bank_dir is not None:
             return Path(self.bank_dir)
+        from datamodules.layout import cache_root
+
         paths = paths if paths is not None else self._paths()
         key = json.dumps(self._bank_settings_key(paths.train_ann), sort_keys=True)
-        return Path(paths.root) / "sample_bank" / hashlib.sha1(key.encode()).hexdigest()[:12]
+        return cache_root(self.cache_dir) / "sample_bank" / hashlib.sha1(key.encode()).hexdigest()[:12]
 
     def _bank_is_current(self, directory: Path, ann_file: str | os.PathLike) -> bool:
         settings = read_bank_settings(directory)

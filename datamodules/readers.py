@@ -497,7 +497,11 @@ class SegmentationFolder:
         self.transform = transform
         if check_sizes:
             for img, mask in self.pairs:
-                self._check_size(img, mask, image_size(img), image_size(mask))
+                try:
+                    sizes = image_size(img), image_size(mask)
+                except DataError:
+                    continue  # a file that does not open is data.bad_images' to report or skip (image_check)
+                self._check_size(img, mask, *sizes)
 
     @classmethod
     def from_root(cls, root: str | Path, split: str, **kwargs: Any) -> SegmentationFolder:

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from cheaplunch.errors import DataError
 from datamodules.finetune_common import loader_kwargs, subset_from_config, val_loader
+from datamodules.image_check import check_images
 from datamodules.layout import resolve_dataset
 from datamodules.readers import (
     IGNORE_INDEX,
@@ -168,16 +169,35 @@ class SegmentationDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def readable(self, split: str, indices: np.ndarray) -> np.ndarray:
+        """`indices` of the pairs whose image and label PNG both decode (``data.bad_images``: an unreadable
+        file is an error, or its pair is left out with one warning); checks cached (``datamodules.image_check``)."""
+        pairs = [self.folder(split).pairs[i] for i in indices]
+        bad = check_images([p for pair in pairs for p in pair], policy=str(self.cfg.data.bad_images),
+                           what=f"the {split} split", cache_dir=self.cfg.data.get("cache_dir"))
+        keep = np.array([i for i, (img, mask) in zip(indices, pairs) if img not in bad and mask not in bad], np.int64)
+        if len(keep) == 0:
+            raise DataError(f"no readable image/label pair in the {split} split")
+        return keep
+
+    def prepare_data(self) -> None:
+        """Decode the files once on local rank 0, so that every rank's ``setup`` finds the checks cached."""
+        if self.trainer is None or self.trainer.state.fn == "fit":
+            self.readable("train", subset_from_config(len(self.folder("train")), self.cfg))
+        self.readable("val", np.arange(len(self.folder("val"))))
+
     def setup(self, stage: str | None = None) -> None:
         d = self.cfg.data
         k = self.num_classes
         if stage in ("fit", None) and self.train_set is None:
             train = self.folder("train")
             self.train_set = SegmentationData(
-                train, subset_from_config(len(train), self.cfg), k, train=True, crop_size=int(d.crop_size),
-                base_size=int(d.base_size), scale_range=tuple(d.scale_range), flip_p=float(d.flip_p))
+                train, self.readable("train", subset_from_config(len(train), self.cfg)), k, train=True,
+                crop_size=int(d.crop_size), base_size=int(d.base_size), scale_range=tuple(d.scale_range),
+                flip_p=float(d.flip_p))
         if self.val_set is None:
-            self.val_set = SegmentationData(self.folder("val"), None, k, train=False,
+            val = self.folder("val")
+            self.val_set = SegmentationData(val, self.readable("val", np.arange(len(val))), k, train=False,
                                             val_size=None if d.val_size is None else int(d.val_size))
 
     def train_dataloader(self) -> DataLoader:

@@ -24,7 +24,7 @@ from models.export import export_backbone, state_mismatch
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised when a loss becomes NaN/inf; the last good checkpoint is kept in the run folder."""
+    """Raised when a loss becomes NaN/inf; the runner names the newest good checkpoint in the run folder."""
 
 
 def batch_size_of(batch: Any) -> int:
@@ -162,8 +162,7 @@ class PretrainModule(L.LightningModule):
         if not torch.isfinite(loss):
             terms = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
             raise NonFiniteLossError(
-                f"non-finite loss at step {self.global_step} ({terms}); lower optim.lr or check the data. "
-                "The last good checkpoint is in the run folder's checkpoints/."
+                f"non-finite loss at step {self.global_step} ({terms}); lower optim.lr or check the data"
             )
         bs = batch_size_of(batch)
         for name, value in losses.items():

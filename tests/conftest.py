@@ -1,7 +1,25 @@
 """Shared pytest fixtures (keep this file small)."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Derived data (sample banks, image checks) goes to a per-session folder, not the user's ~/.cache;
+    subprocesses inherit it through the environment."""
+    from datamodules.layout import CACHE_ENV
+
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("cache"))
+    yield Path(os.environ[CACHE_ENV])
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before
 
 
 @pytest.fixture(scope="session")

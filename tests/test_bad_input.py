@@ -94,12 +94,62 @@ def truncated_instances_json_segmentation(data: Path, tmp: Path) -> tuple[str, l
                            "--out", tmp / "ft", *FINETUNE], [f"{ann}: not valid JSON"]
 
 
+def _corrupt_train_image(data: Path, tmp: Path) -> tuple[Path, Path]:
+    """A copy of the dataset whose 6th train image is cut to 200 bytes (a failed copy)."""
+    root = _copy(data, tmp / "data")
+    bad = sorted((root / "images" / "train").iterdir())[5]
+    bad.write_bytes(bad.read_bytes()[:200])
+    return root, bad
+
+
+def corrupt_image_detection(data: Path, tmp: Path) -> tuple[str, list[str], list[str]]:
+    """An unreadable train image: one line at start-up naming it (it was a worker traceback at step 5-6)."""
+    root, bad = _corrupt_train_image(data, tmp)
+    return "finetune.py", ["--task", "detection", "--detector", "retinanet", "--data", root, "--backbone", "scratch",
+                           "--arch", "resnet18", "--out", tmp / "ft", *FINETUNE, "model.train_sizes=[64]",
+                           "model.test_size=64", "model.max_size=64"], [
+        f"{bad}: cannot read image", "1 of 12 images", "data.bad_images=skip"]
+
+
+def corrupt_image_segmentation(data: Path, tmp: Path) -> tuple[str, list[str], list[str]]:
+    root, bad = _corrupt_train_image(data, tmp)
+    return "finetune.py", ["--task", "segmentation", "--data", root, "--backbone", "scratch", "--arch", "resnet18",
+                           "--out", tmp / "ft", *FINETUNE], [f"{bad}: cannot read image", "data.bad_images=skip"]
+
+
+def unwritable_cache_dir(data: Path, tmp: Path) -> tuple[str, list[str], list[str]]:
+    """--cache-dir on a path that cannot be a folder (a file is in the way; root ignores permissions)."""
+    blocker = tmp / "file"
+    blocker.write_text("not a folder")
+    return "train.py", ["--data", data, "--out", tmp / "run", "--cache-dir", blocker / "cache", *MONTAGE,
+                        "trainer.max_steps=1"], [f"{blocker / 'cache'}: cannot write the cache folder", "--cache-dir"]
+
+
+def unwritable_out(data: Path, tmp: Path) -> tuple[str, list[str], list[str]]:
+    """--out below a file: one line before any data is read (was a traceback at the first write)."""
+    blocker = tmp / "file"
+    blocker.write_text("not a folder")
+    return "finetune.py", ["--task", "classification", "--data", data, "--backbone", "scratch", "--arch", "resnet18",
+                           "--out", blocker / "run", *FINETUNE], [f"{blocker / 'run'}: cannot write the run folder"]
+
+
+def unknown_bad_images_policy(data: Path, tmp: Path) -> tuple[str, list[str], list[str]]:
+    return "finetune.py", ["--task", "segmentation", "--data", data, "--backbone", "scratch", "--arch", "resnet18",
+                           "--out", tmp / "ft", *FINETUNE, "data.bad_images=ignore"], [
+        "data.bad_images='ignore': must be one of error, skip"]
+
+
 CASES: dict[str, Case] = {
     "half_written_last_ckpt": half_written_last_ckpt,
     "broken_backbone_json": broken_backbone_json,
     "garbage_backbone_pt": garbage_backbone_pt,
     "pickled_object_weights": pickled_object_weights,
     "truncated_instances_json_segmentation": truncated_instances_json_segmentation,
+    "corrupt_image_detection": corrupt_image_detection,
+    "corrupt_image_segmentation": corrupt_image_segmentation,
+    "unwritable_cache_dir": unwritable_cache_dir,
+    "unwritable_out": unwritable_out,
+    "unknown_bad_images_policy": unknown_bad_images_policy,
 }
 
 
@@ -115,6 +165,27 @@ def test_bad_input_is_one_error_line_naming_the_file(name, tiny_embedded, tmp_pa
     for fragment in fragments:
         assert fragment in errors[0], errors[0]
     assert "likely succeed" not in proc.stderr  # torch's advice to load with weights_only=False
+
+
+@pytest.mark.slow
+def test_corrupt_image_skipped_with_one_counted_warning(tiny_embedded, tmp_path):
+    root, bad = _corrupt_train_image(tiny_embedded, tmp_path)
+    proc = _cli("finetune.py", "--task", "segmentation", "--data", root, "--backbone", "scratch", "--arch", "resnet18",
+                "--out", tmp_path / "ft", *FINETUNE, "data.bad_images=skip")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warned = [line for line in proc.stderr.splitlines() if "skipping them (data.bad_images=skip)" in line]
+    assert len(warned) == 1 and f"{bad}: cannot read image" in warned[0] and "1 of 24 images" in warned[0], warned
+
+
+def test_no_file_is_written_into_the_dataset_folder(tiny_embedded, tmp_path):
+    """Montage's sample bank and the image checks live in the cache folder (--cache-dir), never in --data."""
+    root = _copy(tiny_embedded, tmp_path / "data")
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    proc = _cli("train.py", "--data", root, "--out", tmp_path / "run", "--cache-dir", tmp_path / "cache", *MONTAGE,
+                "trainer.max_steps=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
+    assert list((tmp_path / "cache" / "sample_bank").iterdir())
 
 
 # ---- accepted: pre-training reads only the train split

@@ -443,13 +443,14 @@ def datamodule(coco_set, tmp_path, monkeypatch):
     ann, imgs, _ = coco_set
     paths = SimpleNamespace(root=tmp_path, train_ann=ann, train_images=imgs)
     monkeypatch.setattr(MontageDataModule, "_paths", lambda self: paths)
-    return MontageDataModule(batch_size=4, num_workers=0, canvas=160, seed=0, pin_memory=False)
+    return MontageDataModule(batch_size=4, num_workers=0, canvas=160, seed=0, pin_memory=False,
+                             cache_dir=tmp_path / "cache")
 
 
 def test_datamodule_builds_once_and_serves_batches(datamodule, tmp_path):
     dm = datamodule
     dm.prepare_data()
-    bank_dirs = list((tmp_path / "sample_bank").iterdir())
+    bank_dirs = list((tmp_path / "cache" / "sample_bank").iterdir())
     assert len(bank_dirs) == 1 and (bank_dirs[0] / "bank_info.json").is_file()
     stamp = (bank_dirs[0] / "crops.u8").stat().st_mtime_ns
     dm.prepare_data()  # cached: nothing rebuilt
@@ -517,15 +518,20 @@ def test_write_preview(datamodule, tmp_path, bank):
     assert np.asarray(Image.open(more[0])).shape == (224, 224, 3)
 
 
-def test_datamodule_on_the_embedded_layout(tiny_embedded, tmp_path):
+def test_datamodule_on_the_embedded_layout_writes_nothing_into_the_dataset(tiny_embedded, tmp_path, private_cache):
     import shutil
 
     root = tmp_path / "data"
-    shutil.copytree(tiny_embedded, root, ignore=shutil.ignore_patterns("sample_bank"))
+    shutil.copytree(tiny_embedded, root)
+    files_before = sorted(p.relative_to(root) for p in root.rglob("*"))
     dm = MontageDataModule(data_root=root, batch_size=2, num_workers=0, canvas=96, pin_memory=False)
     dm.prepare_data()
     dm.setup("fit")
-    assert dm.bank.directory.parent == root / "sample_bank"
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == files_before  # issue #14 case 5
+    assert dm.bank.directory.parent == private_cache / "sample_bank"  # $CHEAPLUNCH_CACHE (conftest)
+    other = MontageDataModule(data_root=root, batch_size=2, num_workers=0, canvas=96, pin_memory=False,
+                              cache_dir=tmp_path / "mine")
+    assert other.bank_path().parent == tmp_path / "mine" / "sample_bank"
     assert dm.bank.info["settings"]["ann_file"] == str((root / "annotations" / "instances_train.json").resolve())
     assert dm.num_classes == len(dm.class_names) and dm.class_names[-1] == "background"
     batch = next(iter(dm.train_dataloader()))
