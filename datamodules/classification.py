@@ -65,11 +65,14 @@ def square_crop(image: np.ndarray, cx: float, cy: float, side: float, size: int)
     return resize(out, size, size)
 
 
-def coco_crops(ann_file: Path, image_dir: Path, size: int, context: float, min_box: float) -> ImageCache:
-    """Object crops of a COCO split (see the module docstring)."""
+def coco_crops(ann_file: Path, image_dir: Path, size: int, context: float, min_box: float,
+               images_subset: Callable[[int], np.ndarray] | None = None) -> ImageCache:
+    """Object crops of a COCO split (see the module docstring); `images_subset(n)` gives the indices of the
+    split's n images (reader order) to crop from, e.g. a labelled subset (``finetune_common.labelled_subset``)."""
     coco = load_coco(ann_file, image_dir)
     crops, labels = [], []
-    for im in coco.images:
+    chosen = coco.images if images_subset is None else [coco.images[int(i)] for i in images_subset(len(coco.images))]
+    for im in chosen:
         keep = np.maximum(im.boxes[:, 2], im.boxes[:, 3]) >= min_box
         if not keep.any():
             continue

@@ -284,8 +284,9 @@ def resolve_source(d: DictConfig) -> str:
 class SupervisedDataModule(L.LightningDataModule):
     """Train / val splits of a classification source with the Bag of Tricks transforms (module docstring).
 
-    ``data.label_count`` / ``data.label_fraction`` train on a seeded subset (``data.subset_seed``) and
-    ``data.val_count`` evaluates on a seeded subset of val (quick runs, benchmarks)."""
+    ``data.label_count`` / ``data.label_fraction`` train on a seeded subset (``data.subset_seed``): of the
+    images for a COCO source (their crops; the subset ``finetune.py --label-fraction`` uses), of the samples
+    otherwise; ``data.val_count`` evaluates on a seeded subset of val (quick runs, benchmarks)."""
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
@@ -314,9 +315,22 @@ class SupervisedDataModule(L.LightningDataModule):
 
             paths = resolve_dataset(d.root, embedded_size=int(d.embedded_size), seed=int(d.embedded_seed))
             ann, images = (paths.train_ann, paths.train_images) if name == "train" else (paths.val_ann, paths.val_images)
-            cache = coco_crops(ann, images, int(d.decode_size), float(d.crop_context), float(d.min_box_size))
+            subset = self.labelled_images if name == "train" and self.subsets_images else None
+            cache = coco_crops(ann, images, int(d.decode_size), float(d.crop_context), float(d.min_box_size), subset)
         self._cache[name] = cache
         return cache
+
+    @property
+    def subsets_images(self) -> bool:
+        """A COCO source with ``data.label_fraction`` / ``label_count``: the subset is of images, not crops."""
+        d = self.cfg.data
+        return self.source == "crops" and (d.get("label_fraction") is not None or d.get("label_count") is not None)
+
+    def labelled_images(self, n: int) -> np.ndarray:
+        """The labelled subset of a COCO source's n train images: the same nested subset that ``finetune.py
+        --label-fraction`` trains on, so a bake-off's supervised arm pre-trains on exactly the labelled images."""
+        d = self.cfg.data
+        return labelled_subset(n, d.get("label_fraction"), d.get("label_count"), int(d.get("subset_seed", 0)))
 
     @property
     def class_names(self) -> list[str]:
@@ -337,8 +351,11 @@ class SupervisedDataModule(L.LightningDataModule):
         d = self.cfg.data
         if self.train_rows is None:
             train = self.split("train")
-            self.train_rows = torch.from_numpy(labelled_subset(
-                len(train.labels), d.get("label_fraction"), d.get("label_count"), int(d.get("subset_seed", 0)))).long()
+            if self.subsets_images:  # the crops of the labelled images only (split("train") cut them)
+                self.train_rows = torch.arange(len(train.labels))
+            else:
+                self.train_rows = torch.from_numpy(labelled_subset(
+                    len(train.labels), d.get("label_fraction"), d.get("label_count"), int(d.get("subset_seed", 0)))).long()
         if self.val_images is None:
             val = self.split("val")
             if val.class_names != self.class_names:

@@ -61,6 +61,7 @@ moved there: ``normalize_images`` (one function, used by ``MontageModule.on_afte
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -590,6 +591,9 @@ class MontageDataModule(L.LightningDataModule):
         negatives_avoid: str = DEFAULT_NEGATIVES_AVOID,
         bank_dir: str | os.PathLike | None = None,
         cache_dir: str | os.PathLike | None = None,
+        label_fraction: float | None = None,
+        label_count: int | None = None,
+        subset_seed: int = 0,
         seed: int = 0,
         epoch_size: int | None = None,
         embedded_size: int = 300,
@@ -612,6 +616,9 @@ class MontageDataModule(L.LightningDataModule):
         self.negatives_avoid = check_negatives_avoid(negatives_avoid)
         self.bank_dir = bank_dir
         self.cache_dir = cache_dir
+        self.label_fraction = None if label_fraction is None else float(label_fraction)
+        self.label_count = None if label_count is None else int(label_count)
+        self.subset_seed = int(subset_seed)
         self.seed = int(seed)
         self.epoch_size = epoch_size
         self.embedded_size = int(embedded_size)
@@ -628,7 +635,8 @@ class MontageDataModule(L.LightningDataModule):
         data = cfg.data
         kwargs: dict[str, Any] = {"data_root": data.get("root"), "seed": int(cfg.get("seed", 0))}
         for key in ("batch_size", "num_workers", "canvas", "split", "scale_range", "flip_p", "neg_ratio",
-                    "negatives_avoid", "epoch_size", "embedded_size", "pin_memory", "max_side", "cache_dir"):
+                    "negatives_avoid", "epoch_size", "embedded_size", "pin_memory", "max_side", "cache_dir",
+                    "label_fraction", "label_count", "subset_seed"):
             if data.get(key) is not None:
                 value = data.get(key)
                 kwargs[key] = tuple(value) if key in ("split", "scale_range") or (
@@ -678,7 +686,9 @@ class MontageDataModule(L.LightningDataModule):
 
     def _bank_settings_key(self, ann_file: str | os.PathLike) -> dict[str, Any]:
         return {**ann_file_fingerprint(ann_file), "seed": self.seed, "neg_ratio": self.neg_ratio,
-                "negatives_avoid": self.negatives_avoid, "max_side": self.max_side, "version": BANK_VERSION}
+                "negatives_avoid": self.negatives_avoid, "max_side": self.max_side, "version": BANK_VERSION,
+                **({"label_fraction": self.label_fraction, "label_count": self.label_count,
+                    "subset_seed": self.subset_seed} if self.label_fraction or self.label_count else {})}
 
     def bank_path(self, paths: Any | None = None) -> Path:
         """Where the bank lives: ``bank_dir`` or ``<cache>/sample_bank/<hash of annotation file + settings>``."""
@@ -695,7 +705,9 @@ class MontageDataModule(L.LightningDataModule):
         if settings is None:
             return False
         want = self._bank_settings_key(ann_file)
-        return all(settings.get(k) == v for k, v in want.items())
+        # the labelled-subset keys only name the folder; the stored dataset_hash already covers the subset
+        return all(settings.get(k) == v for k, v in want.items() if k not in ("label_fraction", "label_count",
+                                                                               "subset_seed"))
 
     def prepare_data(self) -> None:
         """Resolve the dataset and build the bank if it is missing or stale (rank 0 only)."""
@@ -706,6 +718,11 @@ class MontageDataModule(L.LightningDataModule):
         from datamodules.readers import load_coco
 
         coco = load_coco(paths.train_ann, paths.train_images)
+        if self.label_fraction is not None or self.label_count is not None:
+            from datamodules.finetune_common import labelled_subset
+
+            chosen = labelled_subset(len(coco.images), self.label_fraction, self.label_count, self.subset_seed)
+            coco = dataclasses.replace(coco, images=[coco.images[int(i)] for i in chosen])
         SampleBank.build(coco, out, seed=self.seed, neg_ratio=self.neg_ratio, max_side=self.max_side,
                          negatives_avoid=self.negatives_avoid)
 
