@@ -43,7 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="runs/bakeoff", help="bake-off folder (default runs/bakeoff)")
     parser.add_argument("--logger", default="none", choices=("wandb", "csv", "none"),
                         help="logger of every run; the bake-off's own W&B run is written unless 'none'")
-    parser.add_argument("--launcher", default="local", choices=("local", "slurm"))
+    parser.add_argument("--launcher", default="local", choices=("local", "slurm"),
+                        help="local: one run at a time here (default); slurm: every run its own sbatch job, a "
+                             "fine-tuning after its pre-training, collected when all finish")
+    parser.add_argument("--sbatch-args", default="", metavar="'ARGS'",
+                        help="extra sbatch options for every job with --launcher slurm, e.g. "
+                             "'--partition gpu --gpus-per-node 1 --time 4:00:00'")
     parser.add_argument("--dry-run", action="store_true",
                         help="run the 4-step probes, print the plan with each arm's measured cost and the "
                              "estimated total, and stop")
@@ -61,14 +66,12 @@ def main(argv: list[str] | None = None) -> int:
             BakeOff,
             Settings,
             execute,
+            execute_slurm,
             parse_budget,
             parse_inits,
         )
         from cheaplunch.bakeoff_report import log_wandb, write_json, write_markdown, write_plot
-        from cheaplunch.errors import UserError
 
-        if args.launcher == "slurm":
-            raise UserError("--launcher slurm is not built yet; run with --launcher local (one run at a time)")
         out = Path(args.out).resolve()
         s = Settings(data=args.data, methods=list(args.methods),
                      tasks=list(TASKS) if args.task == "both" else [args.task], seeds=args.seeds,
@@ -76,9 +79,16 @@ def main(argv: list[str] | None = None) -> int:
                      inits=parse_inits(args.init), out=out, logger=args.logger, detector=args.detector,
                      overrides=list(args.overrides))
         bake = BakeOff(s)
+
+        def run_all(runs, estimate=None) -> None:
+            if args.launcher == "slurm":
+                execute_slurm(runs, shlex.split(args.sbatch_args), group=out.name)
+            else:
+                execute(runs, estimate=estimate, group=out.name)
+
         probes = bake.probes()
         print(f"probing {len(probes)} runs ({PROBE_STEPS} steps each) for their cost per step ...")
-        execute(probes)
+        run_all(probes)
         by_key = {p.key: p for p in probes}
         runs, info = bake.plan(by_key)
         seconds = {r.key: bake.seconds(r, by_key) for r in runs}
@@ -90,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {'done ' if r.done() else ''}{r.key}: ~{seconds[r.key] / 60:.1f} min")
             print("budget arithmetic: " + str(info))
             return
-        execute(runs, estimate=lambda r: seconds[r.key], group=out.name)
+        run_all(runs, estimate=lambda r: seconds[r.key])
         rows = bake.results(runs)
         command = "python bakeoff.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
         write_plot(out / "bakeoff.png", rows, s)

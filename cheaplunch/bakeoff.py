@@ -122,6 +122,7 @@ class Run:
     arch: str
     steps: int = PROBE_STEPS  # optimizer steps it trains
     probe: str = ""  # key of the probe that measured its cost per step
+    needs: str = ""  # key of the run whose output it reads (a fine-tuning's pre-training), if any
 
     def done(self) -> bool:
         marker = "results.json" if self.script == "finetune.py" and self.kind != "probe" else "compute.json"
@@ -247,6 +248,7 @@ class BakeOff:
             plain = self.plain_steps(task)
             for fraction in s.label_fractions:
                 arms: list[tuple[str, str, list[str], int]] = []  # name, arch, arguments, steps
+                needs: dict[str, str] = {}  # arm -> the pre-training run it fine-tunes
                 for arch in self.scratch_archs:
                     name = scratch_name(arch, self.default_arch)
                     ft_flops, _ = self.per_step(probes[f"probe/{task}/{arch}"])
@@ -259,6 +261,7 @@ class BakeOff:
                     sub = pretrain_name(m, fraction)
                     arms.append((m, self.archs[m], ["--backbone", str(s.out / "pretrain" / sub / "backbone.pt")],
                                  plain))
+                    needs[m] = f"pretrain/{sub}"
                 for name, path in s.inits.items():
                     arms.append((name, "", ["--backbone", path], plain))
                 frac = ["--label-fraction", str(fraction)] if fraction < 1.0 else []
@@ -268,7 +271,8 @@ class BakeOff:
                         # the overrides go before the arm's own (scratch+ sets its trainer.max_steps last)
                         runs.append(Run(key, "finetune", "finetune.py",
                                         [*self.task_args(task), *frac, "--seed", str(seed), *s.overrides, *args],
-                                        s.out / key, arch, steps, f"probe/{task}/{arch or self.default_arch}"))
+                                        s.out / key, arch, steps, f"probe/{task}/{arch or self.default_arch}",
+                                        needs.get(name, "")))
         return runs, info
 
     def seconds(self, run: Run, probes: dict[str, Run]) -> float:
@@ -393,3 +397,83 @@ def execute(runs: list[Run], estimate: Callable[[Run], float] | None = None, gro
             if left is not None and estimate is not None:
                 left = max(left - estimate(run), 0.0)
             bar.update(1)
+
+
+# ---- SLURM ---------------------------------------------------------------------------------------------
+SBATCH_TEMPLATE = """#!/bin/bash
+#SBATCH --job-name=bakeoff-{name}
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --requeue
+#SBATCH --signal=SIGUSR1@120
+#SBATCH --open-mode=append
+#SBATCH --output={log}
+# one run of a bake-off (cheaplunch/bakeoff.py); requeued on preemption, it resumes from its last.ckpt
+cd {repo}
+export MASTER_ADDR="${{MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}}"
+srun {command}
+"""
+
+
+def _sbatch(args: list[str], env: dict[str, str]) -> str:
+    try:
+        result = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, env=env, timeout=120)
+    except FileNotFoundError:
+        raise UserError("--launcher slurm: sbatch not found; run on a SLURM login node or use --launcher local") from None
+    if result.returncode != 0:
+        raise UserError(f"sbatch {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout.strip().split(";")[0]
+
+
+def _queued(job_ids: list[str], env: dict[str, str]) -> set[str]:
+    """The jobs among `job_ids` that SLURM still holds (pending, running, requeued, completing)."""
+    if not job_ids:
+        return set()
+    result = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)], capture_output=True, text=True,
+                            env=env, timeout=120)
+    return {line.strip() for line in result.stdout.splitlines() if line.strip()}
+
+
+def execute_slurm(runs: list[Run], sbatch_args: list[str] = (), group: str | None = None,
+                  poll_seconds: float = 5.0) -> None:
+    """Submit every run that is not done as its own SLURM job (``out/job.sbatch``, log ``out/bakeoff.log``),
+    a fine-tuning after its pre-training (``--dependency=afterok``), then wait for all under a progress bar.
+    A job that leaves the queue without its outputs is a UserError naming its log. Jobs are requeued on
+    preemption (``--requeue --signal=SIGUSR1@120``) and resume from ``last.ckpt``, as ``train.py`` does."""
+    import shlex
+    import time
+
+    from tqdm import tqdm
+
+    env = dict(os.environ, **({"WANDB_RUN_GROUP": group} if group else {}))
+    jobs: dict[str, str] = {}
+    todo = [r for r in runs if not r.done()]
+    for run in todo:
+        run.out.mkdir(parents=True, exist_ok=True)
+        script = run.out / "job.sbatch"
+        script.write_text(SBATCH_TEMPLATE.format(name=re.sub(r"[^\w.-]", "_", run.key), log=run.out / "bakeoff.log",
+                                                 repo=REPO_ROOT, command=shlex.join(run.command())))
+        after = [jobs[run.needs]] if run.needs in jobs else []
+        jobs[run.key] = _sbatch([*sbatch_args, *([f"--dependency=afterok:{':'.join(after)}"] if after else []),
+                                 str(script)], env)
+        (run.out / "slurm_job_id").write_text(jobs[run.key] + "\n")
+    by_key = {r.key: r for r in todo}
+    with tqdm(total=len(runs), initial=len(runs) - len(todo), desc="bake-off (SLURM)", unit="run",
+              dynamic_ncols=True) as bar:
+        waiting = dict(jobs)
+        while waiting:
+            queued = _queued(list(waiting.values()), env)
+            for key, job in list(waiting.items()):
+                if job in queued:
+                    continue
+                run = by_key[key]
+                if not run.done():
+                    tail = (run.out / "bakeoff.log").read_text(errors="replace").strip().splitlines()[-4:] \
+                        if (run.out / "bakeoff.log").is_file() else []
+                    raise UserError(f"{key}: SLURM job {job} ended without its outputs; its log is "
+                                    f"{run.out / 'bakeoff.log'}: " + " | ".join(tail))
+                del waiting[key]
+                bar.update(1)
+            bar.set_postfix_str(f"{len(waiting)} jobs queued or running")
+            if waiting:
+                time.sleep(poll_seconds)

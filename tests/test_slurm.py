@@ -107,3 +107,25 @@ def test_preempted_job_is_requeued_and_resumes_to_identical_weights(cluster, tin
     assert "resuming from" in log.split(f"SIGUSR1 at step {PREEMPT_AT}")[1]
     uninterrupted = _audit(uninterrupted_job[0])
     assert _audit(run)[0]["weights_sha256"] == uninterrupted[0]["weights_sha256"]
+
+
+def test_bakeoff_launcher_slurm_runs_every_run_as_a_job(cluster, tiny_embedded, tmp_path):
+    """``bakeoff.py --launcher slurm``: every probe, pre-training and fine-tuning is its own sbatch job (two
+    one-CPU nodes run two at once, so a fine-tuning started before its pre-training finished would fail: the
+    afterok dependency is what lets this pass), and the report is collected when all are done."""
+    import subprocess
+
+    out = tmp_path / "bake"
+    env = {**cluster.env, "MASTER_ADDR": "127.0.0.1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "bakeoff.py", "--launcher", "slurm", "--data", str(tiny_embedded), "--methods", "montage",
+           "scratch", "--task", "segmentation", "--seeds", "2", "--budget", "2steps", "--out", str(out),
+           "trainer.max_steps=2", "trainer.val_check_interval=2", "data.batch_size=4", "data.num_workers=0"]
+    result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    job_ids = sorted(out.rglob("slurm_job_id"))
+    assert len(job_ids) == 2 + 1 + 6  # probes (montage, segmentation/resnet18), montage, 3 arms x 2 seeds
+    assert len({p.read_text() for p in job_ids}) == len(job_ids)
+    montage_ft = out / "finetune" / "segmentation" / "f1" / "montage" / "seed0"
+    assert "#SBATCH --requeue" in (montage_ft / "job.sbatch").read_text()
+    report = json.loads((out / "bakeoff.json").read_text())
+    assert {r["arm"] for r in report["rows"]} == {"scratch", "scratch+", "montage"}
