@@ -20,7 +20,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 data: venv system-deps
-	$(BIN)/python -m datamodules.embedded --out $(DATA)
+	$(BIN)/python -m tools.embedded --out $(DATA)
 
 train: setup
 	$(BIN)/python train.py --method montage $(ARGS)

@@ -52,7 +52,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from cheaplunch.config import load_config  # noqa: E402
 from cheaplunch.registry import METHODS  # noqa: E402
 from cheaplunch.runner import build_trainer, standard_callbacks  # noqa: E402
-from lightning_modules.supervised import last_block_norms  # noqa: E402
+from models.tricks import last_block_norms  # noqa: E402
 
 TRICKS = REPO / "configs" / "tricks"
 PAPER_EPOCHS = 120

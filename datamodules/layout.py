@@ -85,7 +85,7 @@ def resolve_dataset(root: str | Path | None, *, embedded_size: int = 300, seed: 
     Anything unrecognised raises ``UserError`` listing what was expected and found."""
     if root is None:
         from cheaplunch import DEFAULT_DATA_DIR
-        from datamodules.embedded import build_embedded
+        from tools.embedded import build_embedded
 
         root = build_embedded(DEFAULT_DATA_DIR, size=embedded_size, seed=seed)
     root = Path(root).expanduser()

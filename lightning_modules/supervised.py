@@ -5,7 +5,8 @@ Every trick is a config switch (configs/supervised.yaml; one YAML per ablation r
 - model: any timm model by name (``model.arch``). ResNet-B is timm's ``resnet50`` (stride on the 3x3
   conv), C adds the deep 3x3 stem (``backbone_kwargs: {stem_type: deep, stem_width: 32}`` = timm
   ``resnet50c``), D adds avg-pool downsampling shortcuts (``avg_down: true`` = ``resnet50d``); the original
-  ResNet (stride on the first 1x1 conv) is ``model.stride_on_1x1: true`` (`stride_on_first_1x1`).
+  ResNet (stride on the first 1x1 conv) is ``model.stride_on_1x1: true``. The model surgery lives in
+  `models.tricks` (`stride_on_first_1x1`, `xavier_init`, `set_zero_gamma`); this module only applies it.
 - init: ``model.init: xavier`` (paper: Xavier-uniform conv/FC weights, zero biases, BN gamma 1 beta 0)
   or ``timm`` (the model's own); ``model.zero_gamma`` sets the last BN gamma of every residual block
   to 0 (or, when off, to 1 -- timm zero-inits them by default).
@@ -16,7 +17,7 @@ Every trick is a config switch (configs/supervised.yaml; one YAML per ablation r
 - loss: cross-entropy with ``model.label_smoothing``; mixup (``model.mixup_alpha`` > 0, timm's
   ``Mixup`` with the smoothing folded into its soft targets, soft-target CE); knowledge distillation
   from a teacher checkpoint (``model.distill.teacher``: a supervised run folder or its Lightning
-  checkpoint; ``temperature``, ``hard_weight``; `models.distillation`). The teacher sees the same
+  checkpoint; ``temperature``, ``hard_weight``; `models.distillation`, also `load_teacher`). The teacher sees the same
   (mixed) images and is not part of this module's state (not saved, not optimised, not averaged).
 
 Validation logs ``val/top1`` and ``val/loss``. The exported backbone (timm key layout, no classifier)
@@ -25,7 +26,6 @@ loads into ``finetune.py --task classification --backbone RUN/backbone.pt``.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,118 +37,11 @@ from torchmetrics.aggregation import SumMetric
 
 from cheaplunch.errors import UserError
 from lightning_modules.base import PretrainModule
-from models.backbones import create_backbone
-from models.distillation import distillation_loss, soft_cross_entropy
-from models.export import load_weights
+from models.classifier import Classifier
+from models.distillation import distillation_loss, load_teacher, soft_cross_entropy
+from models.tricks import last_block_norms, set_zero_gamma, stride_on_first_1x1, xavier_init
 
 INITS = ("xavier", "timm")
-
-
-# ------------------------------------------------------------------------------------------ model tweaks / init
-def xavier_init(module: nn.Module) -> None:
-    """Paper Sec. 2.1: conv and FC weights Xavier-uniform (a = sqrt(6 / (d_in + d_out))), biases 0,
-    BN gamma 1 and beta 0."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
-def last_block_norms(backbone: nn.Module) -> list[nn.Module]:
-    """The last BatchNorm of the residual branch of every residual block (timm blocks expose
-    ``zero_init_last``): bn2 of a BasicBlock, bn3 of a Bottleneck."""
-    norms = []
-    for block in backbone.modules():
-        if block is backbone or not callable(getattr(block, "zero_init_last", None)):
-            continue
-        branch = [m for n, m in block.named_modules()
-                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and not n.startswith("downsample")]
-        if branch:
-            norms.append(branch[-1])
-    return norms
-
-
-def set_zero_gamma(backbone: nn.Module, enabled: bool) -> int:
-    """Zero-gamma (paper Sec. 3.1): gamma of each residual block's last BN to 0 (enabled) or 1. Returns
-    the number of blocks."""
-    norms = last_block_norms(backbone)
-    if enabled and not norms:
-        raise UserError("model.zero_gamma: this architecture has no residual blocks with a last BatchNorm")
-    with torch.no_grad():
-        for bn in norms:
-            bn.weight.fill_(0.0 if enabled else 1.0)
-    return len(norms)
-
-
-def stride_on_first_1x1(backbone: nn.Module) -> int:
-    """Turn a timm ResNet-B bottleneck network into the original ResNet ("ResNet-A"): in every
-    downsampling bottleneck the stride moves from the 3x3 conv (conv2) to the first 1x1 conv (conv1).
-    Returns the number of blocks changed."""
-    from timm.models.resnet import Bottleneck
-
-    changed = 0
-    for m in backbone.modules():
-        if isinstance(m, Bottleneck) and m.conv2.stride != (1, 1):
-            if not isinstance(m.aa, nn.Identity):
-                raise UserError("model.stride_on_1x1 does not combine with anti-aliased downsampling")
-            m.conv1.stride, m.conv2.stride = m.conv2.stride, (1, 1)
-            changed += 1
-    if not changed:
-        raise UserError("model.stride_on_1x1 needs a timm ResNet with Bottleneck blocks (e.g. resnet50)")
-    return changed
-
-
-class Classifier(nn.Module):
-    """Backbone (feature map) -> global average pool -> dropout -> linear."""
-
-    def __init__(self, backbone: nn.Module, num_classes: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(int(backbone.num_features), num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.backbone(x)
-        f = f.mean(dim=(2, 3)) if f.ndim == 4 else f
-        return self.head(self.dropout(f))
-
-
-def build_backbone(model_cfg: DictConfig) -> nn.Module:
-    backbone = create_backbone(str(model_cfg.arch), **dict(model_cfg.get("backbone_kwargs", {}) or {}))
-    if model_cfg.get("stride_on_1x1", False):
-        stride_on_first_1x1(backbone)
-    return backbone
-
-
-def load_teacher(path: str | Path) -> Classifier:
-    """A frozen, eval-mode classifier from a supervised run folder (its checkpoints/last.ckpt) or a
-    Lightning checkpoint of `SupervisedModule` (its config is read from the checkpoint)."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        raise UserError(f"model.distill.teacher: checkpoint not found: {path}")
-    ckpt = load_weights(path, "model.distill.teacher checkpoint")  # weights_only=True: a user's path runs no code
-    try:
-        cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
-        state = ckpt["state_dict"]
-    except (KeyError, TypeError, RuntimeError) as exc:
-        raise UserError(f"model.distill.teacher: {path} is not a checkpoint of a supervised run ({exc})") from exc
-    if "head.weight" not in state:
-        raise UserError(f"model.distill.teacher: {path} has no classifier (head.weight); train the teacher with "
-                        "--method supervised")
-    teacher = Classifier(build_backbone(cfg.model), int(state["head.weight"].shape[0]))
-    own = {k: v for k, v in state.items() if k.startswith(("backbone.", "head."))}
-    missing, unexpected = teacher.load_state_dict(own, strict=False)
-    if missing or unexpected:
-        raise UserError(f"model.distill.teacher: {path} does not match its config (missing {missing[:4]}, "
-                        f"unexpected {unexpected[:4]})")
-    teacher.eval().requires_grad_(False)
-    return teacher
 
 
 # ------------------------------------------------------------------------------------------ LightningModule

@@ -7,13 +7,23 @@ z: student logits, r: teacher logits, y: the (hard or soft) target, T: temperatu
 = -sum_k q_k log softmax(s)_k (averaged over the batch); it differs from the KL divergence only by the
 teacher's entropy, a constant for the student. The T^2 factor keeps the soft term's gradient scale
 independent of T. hard_weight 0.5 is GluonCV's ImageNet setting, T = 20 the paper's.
+
+`load_teacher` reads the frozen teacher (a `models.classifier.Classifier`) from a supervised run.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
+
+from cheaplunch.errors import UserError
+from models.classifier import Classifier
+from models.export import load_weights
+from models.tricks import build_backbone
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -53,3 +63,30 @@ class DistillationLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, hard_weight={self.hard_weight}"
+
+
+def load_teacher(path: str | Path) -> Classifier:
+    """A frozen, eval-mode classifier from a supervised run folder (its checkpoints/last.ckpt) or a
+    Lightning checkpoint of `SupervisedModule` (its config is read from the checkpoint)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise UserError(f"model.distill.teacher: checkpoint not found: {path}")
+    ckpt = load_weights(path, "model.distill.teacher checkpoint")  # weights_only=True: a user's path runs no code
+    try:
+        cfg = OmegaConf.create(ckpt["hyper_parameters"]["config"])
+        state = ckpt["state_dict"]
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise UserError(f"model.distill.teacher: {path} is not a checkpoint of a supervised run ({exc})") from exc
+    if "head.weight" not in state:
+        raise UserError(f"model.distill.teacher: {path} has no classifier (head.weight); train the teacher with "
+                        "--method supervised")
+    teacher = Classifier(build_backbone(cfg.model), int(state["head.weight"].shape[0]))
+    own = {k: v for k, v in state.items() if k.startswith(("backbone.", "head."))}
+    missing, unexpected = teacher.load_state_dict(own, strict=False)
+    if missing or unexpected:
+        raise UserError(f"model.distill.teacher: {path} does not match its config (missing {missing[:4]}, "
+                        f"unexpected {unexpected[:4]})")
+    teacher.eval().requires_grad_(False)
+    return teacher

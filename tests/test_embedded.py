@@ -12,7 +12,7 @@ from pycocotools import mask as mask_utils
 
 from cheaplunch import REPO_ROOT
 from cheaplunch.errors import DataError, UserError
-from datamodules import embedded as E
+from tools.embedded import builder as E
 
 
 def _disc_layer(radius: int, x: int, y: int, label: int, colour=(200, 40, 40), soft: float = 2.0) -> E.Layer:
@@ -229,7 +229,7 @@ def test_cache_reused_when_settings_equal_and_rebuilt_when_they_change(tmp_path)
 def test_refuses_to_overwrite_a_foreign_dataset(tmp_path):
     (tmp_path / "images" / "train").mkdir(parents=True)
     (tmp_path / "images" / "train" / "mine.jpg").write_bytes(b"x")
-    with pytest.raises(UserError, match="not built by datamodules.embedded"):
+    with pytest.raises(UserError, match="not built by tools.embedded"):
         E.build_embedded(tmp_path, size=2, image_size=64, progress=False)
     assert (tmp_path / "images" / "train" / "mine.jpg").exists()
 
@@ -254,7 +254,7 @@ def test_stamp_missing_from_the_package_is_named(tmp_path, monkeypatch):
 def test_cli_builds_and_writes_a_preview(tmp_path):
     out, preview = tmp_path / "ds", tmp_path / "preview.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "datamodules.embedded", "--out", str(out), "--size", "4", "--seed", "1",
+        [sys.executable, "-m", "tools.embedded", "--out", str(out), "--size", "4", "--seed", "1",
          "--image-size", "96", "--preview", str(preview)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
     )
@@ -263,11 +263,11 @@ def test_cli_builds_and_writes_a_preview(tmp_path):
     grid = cv2.imread(str(preview))
     assert grid is not None and grid.shape[0] >= 96 and grid.shape[1] >= 3 * 96
     again = subprocess.run(  # preview only: the existing 4-image build is shown, not rebuilt at 300
-        [sys.executable, "-m", "datamodules.embedded", "--out", str(out), "--preview", str(tmp_path / "p2.png")],
+        [sys.executable, "-m", "tools.embedded", "--out", str(out), "--preview", str(tmp_path / "p2.png")],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
     )
     assert again.returncode == 0, again.stderr
     assert E.read_build_info(out)["settings"]["size"] == 4 and (tmp_path / "p2.png").is_file()
-    bad = subprocess.run([sys.executable, "-m", "datamodules.embedded", "--out", str(out), "--size", "0"],
+    bad = subprocess.run([sys.executable, "-m", "tools.embedded", "--out", str(out), "--size", "0"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "size >= 1" in bad.stderr

@@ -88,7 +88,7 @@ CHANCE_MARGIN = 3.0  # detection floors sit at least this many times above their
 @pytest.fixture(scope="module", params=["fit", pytest.param("held_out", marks=pytest.mark.learning)])
 def embedded(request, tmp_path_factory) -> tuple[dict, Path]:
     """(setting, dataset root): a small embedded set with few, large objects; for ``fit`` val = train."""
-    from datamodules.embedded import build_embedded
+    from tools.embedded import build_embedded
 
     setting = SETTINGS[request.param]
     root = build_embedded(tmp_path_factory.mktemp(f"embedded_{request.param}"), progress=False, **setting["build"])

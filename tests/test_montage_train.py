@@ -13,7 +13,7 @@ import torch
 from callbacks.erf_refresh import ERFRefresh
 from cheaplunch import CONFIG_DIR, REPO_ROOT
 from cheaplunch.config import load_config
-from cheaplunch.wandb_offline import find_run_file, read_offline_run
+from tests.wandb_offline import find_run_file, read_offline_run
 
 TINY = ["model.arch=resnet18", "data.canvas=96", "data.batch_size=4", "data.num_workers=0", "data.max_side=96",
         "trainer.accelerator=cpu", "trainer.log_every_n_steps=1", "logging.images_every_n_steps=2",

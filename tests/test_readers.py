@@ -11,8 +11,8 @@ from PIL import Image
 import cheaplunch
 from cheaplunch.errors import DataError, DataWarning, UserError
 from datamodules import readers as R
-from datamodules.embedded import CLASSES
 from datamodules.layout import resolve_dataset
+from tools.embedded import CLASSES
 
 
 def _save(path: Path, array: np.ndarray, palette: bool = False) -> Path:

@@ -19,8 +19,8 @@ from cheaplunch.config import load_config
 from cheaplunch.errors import UserError
 from cheaplunch.registry import METHODS
 from datamodules.classification_pretrain import FASHION_MNIST_DIR, SupervisedBatch, SupervisedDataModule
-from lightning_modules.supervised import SupervisedModule, load_teacher
-from models.distillation import distillation_loss
+from lightning_modules.supervised import SupervisedModule
+from models.distillation import distillation_loss, load_teacher
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.arch=resnet26", "model.backbone_kwargs={layers: [1, 1, 1, 1]}", "data.batch_size=8",

@@ -29,14 +29,9 @@ from datamodules.classification_pretrain import (
 )
 from datamodules.lighting import IMAGENET_EIGVAL, IMAGENET_EIGVEC, Lighting, adjust_lighting
 from lightning_modules.base import global_batch_size, peak_lr
-from lightning_modules.supervised import (
-    SupervisedModule,
-    last_block_norms,
-    set_zero_gamma,
-    stride_on_first_1x1,
-    xavier_init,
-)
+from lightning_modules.supervised import SupervisedModule
 from models.distillation import distillation_loss, soft_cross_entropy
+from models.tricks import last_block_norms, set_zero_gamma, stride_on_first_1x1, xavier_init
 
 TINY = ["model.arch=resnet26", "model.backbone_kwargs={layers: [1, 1, 1, 1]}", "model.num_classes=5",
         "data.batch_size=8", "data.image_size=32"]

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from callbacks.image_logging import log_images
 from cheaplunch.config import BASE_CONFIG
 from cheaplunch.runner import make_logger, wandb_mode
-from cheaplunch.wandb_offline import find_run_file, read_offline_run
+from tests.wandb_offline import find_run_file, read_offline_run
 
 
 def test_mode_without_key_is_offline(monkeypatch, tmp_path):

@@ -1,7 +1,7 @@
 """The embedded default dataset: real photo cut-outs composited onto real photo backgrounds.
 
-Objects are the photographic Tux Paint stamps listed in ``datamodules/stamps.tsv`` (curated by
-``scripts/curate_stamps.py`` from the Debian package ``tuxpaint-stamps-default``, GPL-2), one of 10
+Objects are the photographic Tux Paint stamps listed in ``tools/embedded/stamps.tsv`` (curated by
+``tools/embedded/curate_stamps.py`` from the Debian package ``tuxpaint-stamps-default``, GPL-2), one of 10
 classes each. Backgrounds are random crops (with flips and colour jitter) of photos bundled with
 scikit-image and scikit-learn and of ``mate-backgrounds``' nature photos. Backgrounds whose subject is
 one of the 10 classes (the cat ``chelsea``, the ``motorcycle``, the ``coffee`` cup, sklearn's
@@ -36,8 +36,8 @@ Layout written (the project layout; see ``datamodules.layout``)::
 
 CLI::
 
-    python -m datamodules.embedded --out data/embedded [--size 300] [--seed 0] [--image-size 256]
-    python -m datamodules.embedded --out data/embedded --preview preview.png
+    python -m tools.embedded --out data/embedded [--size 300] [--seed 0] [--image-size 256]
+    python -m tools.embedded --out data/embedded --preview preview.png
 """
 
 from __future__ import annotations
@@ -333,7 +333,8 @@ class Compositor:
             if not path.is_file():
                 raise DataError(
                     f"stamp {path} listed in {STAMP_LIST.name} is missing: install (as root) "
-                    f"{INSTALL_COMMAND}, or re-run scripts/curate_stamps.py for this package version"
+                    f"{INSTALL_COMMAND}, or re-run python -m tools.embedded.curate_stamps for this package "
+                    "version"
                 )
             rgba = load_stamp_rgba(path)
             if rgba is None:
@@ -487,7 +488,7 @@ def build_embedded(
         if not force and is_built(root, settings):
             return root
         if read_build_info(root) is None and any(p.exists() for p in _outputs(root)) and not force:
-            raise UserError(f"{root} holds a dataset that was not built by datamodules.embedded (no build_info.json); "
+            raise UserError(f"{root} holds a dataset that was not built by tools.embedded (no build_info.json); "
                             "choose another --out or pass --force to overwrite its images/, masks/, annotations/")
         _build(root, cfg, settings, progress)
     return root
@@ -501,7 +502,8 @@ def _build(root: Path, cfg: EmbeddedConfig, settings: dict, progress: bool) -> N
     if missing:
         raise DataError(
             f"{len(missing)} stamps listed in {STAMP_LIST} are missing from {STAMP_ROOT} (e.g. {missing[0]}): "
-            f"install (as root) {INSTALL_COMMAND}, or re-run scripts/curate_stamps.py for this package version"
+            f"install (as root) {INSTALL_COMMAND}, or re-run python -m tools.embedded.curate_stamps for this "
+            "package version"
         )
     info_path = root / "build_info.json"
     info_path.write_text(json.dumps({"settings": settings, "complete": False}, indent=1))
@@ -616,7 +618,7 @@ def write_preview(root: str | Path, out_png: str | Path, split: str = "train", c
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m datamodules.embedded",
+        prog="python -m tools.embedded",
         description="Build the embedded real-photo detection/segmentation dataset (cached by settings).",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_DATA_DIR, help="dataset folder (default: %(default)s)")

@@ -2,8 +2,8 @@
 
 wandb 0.31 has no public reader. The file is a 7-byte header (b":W&B", magic, version) followed by
 LevelDB-log records in 32 KiB blocks: crc32 (4 bytes), length (2, little-endian), type (1: FULL=1,
-FIRST=2, MIDDLE=3, LAST=4), payload; payloads are `wandb_internal_pb2.Record` protos. Used by tests
-and by anyone who wants to check an offline run without syncing it.
+FIRST=2, MIDDLE=3, LAST=4), payload; payloads are `wandb_internal_pb2.Record` protos. A test helper (tests/test_wandb_offline.py,
+tests/test_montage_train.py), also usable to check an offline run without syncing it.
 """
 
 from __future__ import annotations
