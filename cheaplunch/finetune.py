@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -41,7 +40,7 @@ from cheaplunch.runner import (
     write_run_config,
 )
 from models.backbone_loading import SCRATCH, BackboneSource, resolve_backbone
-from models.export import load_state_strict
+from models.export import load_state_strict, load_weights
 
 log = logging.getLogger("cheaplunch")
 
@@ -213,11 +212,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """A Lightning checkpoint loaded with weights_only=True (UserError naming the file otherwise)."""
     if not path.is_file():
         raise UserError(f"--checkpoint: file not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"--checkpoint {path}: cannot load with weights_only=True ({type(exc).__name__}: "
-                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from exc
+    ckpt = load_weights(path, "checkpoint")  # one line naming the file: unreadable, or refused for safety
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise UserError(f"--checkpoint {path}: not a Lightning checkpoint (no state_dict)")
     return ckpt

@@ -133,6 +133,14 @@ def unwritable_out(data: Path, tmp: Path) -> tuple[str, list[str], list[str]]:
                            "--out", blocker / "run", *FINETUNE], [f"{blocker / 'run'}: cannot write the run folder"]
 
 
+def garbage_eval_checkpoint(data: Path, tmp: Path) -> tuple[str, list[str], list[str]]:
+    """--eval-only with a file that is not a checkpoint: named, unreadable, no torch advice."""
+    path = tmp / "last.ckpt"
+    path.write_bytes(np.random.default_rng(5).bytes(2048))
+    return "finetune.py", ["--eval-only", "--checkpoint", path, "--data", data, "--logger", "none"], [
+        f"{path}: checkpoint unreadable: not a torch weights file"]
+
+
 def unknown_bad_images_policy(data: Path, tmp: Path) -> tuple[str, list[str], list[str]]:
     return "finetune.py", ["--task", "segmentation", "--data", data, "--backbone", "scratch", "--arch", "resnet18",
                            "--out", tmp / "ft", *FINETUNE, "data.bad_images=ignore"], [
@@ -149,6 +157,7 @@ CASES: dict[str, Case] = {
     "corrupt_image_segmentation": corrupt_image_segmentation,
     "unwritable_cache_dir": unwritable_cache_dir,
     "unwritable_out": unwritable_out,
+    "garbage_eval_checkpoint": garbage_eval_checkpoint,
     "unknown_bad_images_policy": unknown_bad_images_policy,
 }
 
