@@ -29,11 +29,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from common.images import normalize
 from lightning_modules.base import PretrainModule
 from models.backbone_loading import load_backbone_weights
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -84,16 +82,8 @@ class FinetuneModule(PretrainModule):
         return self
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (0..255) or float (0..1) RGB batch -> ImageNet-normalised float."""
-        x = images.float()
-        if images.dtype == torch.uint8:
-            x = x / 255.0
-        mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        x = (x - mean) / std
-        if self.cfg.runtime.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        """uint8 (0..255) or float (0..1) RGB batch -> ImageNet-normalised float (``common.images.normalize``)."""
+        return normalize(images, channels_last=bool(self.cfg.runtime.channels_last))
 
     # ---- evaluation record --------------------------------------------------------------------
     def history_file(self) -> Path | None:
@@ -146,13 +136,6 @@ def palette(n: int) -> np.ndarray:
     hues = (np.arange(n) * 0.618033988749895) % 1.0
     hsv = np.stack([hues * 179, np.full(n, 200), np.full(n, 255)], axis=1).astype(np.uint8)[None]
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0]
-
-
-def to_uint8_image(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) uint8 or float in [0, 1] -> HxWx3 uint8 array."""
-    if image.dtype != torch.uint8:
-        image = (image.detach().float().clamp(0, 1) * 255).round().byte()
-    return np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())
 
 
 def draw_detections(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray | None,

@@ -23,7 +23,8 @@ from omegaconf import DictConfig
 from callbacks.erf_refresh import ERFRefresh
 from callbacks.image_logging import log_images
 from cheaplunch.errors import UserError
-from datamodules.montage import MontageBatch, denormalize, normalize_images
+from common.images import denormalize, normalize_images
+from datamodules.montage import MontageBatch
 from lightning_modules.base import PretrainModule
 from models.heads import DenseClassifier
 from models.layout import MontageLayout
