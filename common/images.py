@@ -1,5 +1,6 @@
 """Image utilities of every floor, in one place: the ImageNet mean/std (timm's), normalisation and its
-inverse, conversion to uint8 pictures.
+inverse, conversion to uint8 pictures, the colour palette and the drawing helpers of the logged and
+previewed images (boxes, masks, montages, ERF maps).
 
 The normalisations compute ``(x / 255 - mean) / std`` in different ways on purpose; each keeps its
 exact numbers:
@@ -15,7 +16,8 @@ exact numbers:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
@@ -149,3 +151,148 @@ def to_uint8_image(image: torch.Tensor) -> np.ndarray:
         image = (image.detach().float().clamp(0, 1) * 255).round().byte()
     return np.ascontiguousarray(image.movedim(-3, -1).cpu().numpy())
 
+
+# ------------------------------------------------------------------------------------------- drawing
+def palette(n: int) -> np.ndarray:
+    """(n, 3) uint8 distinct colours (golden-ratio hues), fixed for a given n."""
+    hues = (np.arange(n) * 0.618033988749895) % 1.0
+    hsv = np.stack([hues * 179, np.full(n, 200), np.full(n, 255)], axis=1).astype(np.uint8)[None]
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0]
+
+
+# Fixed colours of the dataset previews (datamodules.embedded.write_preview): instance k, or class k + 1.
+PREVIEW_PALETTE = np.array([
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+], np.uint8)
+
+
+def colorize_labels(label: np.ndarray, num_classes: int, ignore_index: int = 255) -> np.ndarray:
+    """A label map as RGB: 0 black, class k (1..num_classes) the preview colour ``PREVIEW_PALETTE[k - 1]``
+    (cycled), ``ignore_index`` white."""
+    out = np.zeros((*label.shape, 3), np.uint8)
+    for k in range(1, num_classes + 1):
+        out[label == k] = PREVIEW_PALETTE[(k - 1) % len(PREVIEW_PALETTE)]
+    out[label == ignore_index] = 255
+    return out
+
+
+def draw_detections(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray | None,
+                    names: list[str], masks: np.ndarray | None = None) -> np.ndarray:
+    """Boxes (x0, y0, x1, y1) with 'name score' tags, and translucent instance masks, on a copy of `image`."""
+    out = image.copy()
+    colours = palette(max(len(names), 1))
+    if masks is not None and len(masks):
+        overlay = out.astype(np.float32)
+        for m, lab in zip(masks.astype(bool), labels):
+            overlay[m] = 0.5 * overlay[m] + 0.5 * colours[int(lab) % len(colours)]
+        out = overlay.round().astype(np.uint8)
+    for i, (box, lab) in enumerate(zip(boxes, labels)):
+        c = tuple(int(v) for v in colours[int(lab) % len(colours)])
+        x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+        cv2.rectangle(out, (x0, y0), (x1, y1), c, 1)
+        tag = names[int(lab)] if int(lab) < len(names) else str(int(lab))
+        if scores is not None:
+            tag += f" {float(scores[i]):.2f}"
+        cv2.putText(out, tag, (x0, max(y0 - 2, 8)), cv2.FONT_HERSHEY_SIMPLEX, 0.3, c, 1, cv2.LINE_AA)
+    return out
+
+
+def overlay_labels(image: np.ndarray, label: np.ndarray, num_classes: int, ignore_index: int = 255,
+                   alpha: float = 0.5) -> np.ndarray:
+    """Class colours blended over `image` (class 0 = background left uncoloured; ignore pixels grey)."""
+    colours = np.concatenate([palette(num_classes), np.full((256 - num_classes, 3), 128, np.uint8)])
+    colours[0] = 0
+    tint = colours[label.astype(np.int64).clip(0, 255)].astype(np.float32)
+    weight = np.where((label > 0)[..., None], alpha, 0.0)
+    weight = np.where((label == ignore_index)[..., None], 0.3, weight)
+    return (image.astype(np.float32) * (1 - weight) + tint * weight).round().astype(np.uint8)
+
+
+class CellLayout(Protocol):
+    """What the montage drawings need of a layout (``models.layout.MontageLayout``)."""
+
+    def cell_boxes(self) -> Mapping[str, tuple[int, int, int, int]]: ...
+
+
+def draw_cell_borders(image: np.ndarray, layout: CellLayout,
+                      colour: tuple[int, int, int] = (255, 255, 0)) -> np.ndarray:
+    """A copy of the montage with the preset cell borders drawn (1 px)."""
+    out = image.copy()
+    for x, y, w, h in layout.cell_boxes().values():
+        out[y, x : x + w] = colour
+        out[y + h - 1, x : x + w] = colour
+        out[y : y + h, x] = colour
+        out[y : y + h, x + w - 1] = colour
+    return out
+
+
+POSITION_COLOURS = {  # RGB, per montage cell position (models.layout.POSITIONS)
+    "top_left": (255, 64, 64),
+    "top_right": (64, 200, 255),
+    "bottom_left": (255, 220, 0),
+    "bottom_right": (80, 255, 80),
+}
+
+
+def annotate_montage(canvas: np.ndarray, cells: Sequence[Mapping[str, Any]], class_names: Sequence[str],
+                     layout: CellLayout | None = None) -> np.ndarray:
+    """A copy of ``canvas`` (enlarged 2x, nearest, when small so the text is legible) with the preset
+    cells (thin grey), each sample's ``cell_box`` (coloured per position) and "group: class" drawn."""
+    k = 2 if max(canvas.shape[:2]) < 400 else 1
+    img = np.ascontiguousarray(np.repeat(np.repeat(canvas, k, axis=0), k, axis=1))
+    if layout is not None:
+        for x, y, w, h in layout.cell_boxes().values():
+            cv2.rectangle(img, (x * k, y * k), ((x + w) * k - 1, (y + h) * k - 1), (128, 128, 128), 1)
+    for cell in cells:
+        x, y, w, h = cell["cell_box"]
+        colour = POSITION_COLOURS[cell["position"]]
+        cv2.rectangle(img, (x * k, y * k), ((x + w) * k - 1, (y + h) * k - 1), colour, 2)
+        name = class_names[cell["label"]] if 0 <= cell["label"] < len(class_names) else str(cell["label"])
+        text = f"{cell['group']}: {name}" + (" (flip)" if cell["flip"] else "")
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)
+        tx, ty = x * k + 3, y * k + 3
+        cv2.rectangle(img, (tx - 2, ty - 2), (tx + tw + 2, ty + th + base), (0, 0, 0), -1)
+        cv2.putText(img, text, (tx, ty + th), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1, cv2.LINE_AA)
+    return img
+
+
+def erf_heatmap_grid(
+    erf: torch.Tensor,
+    positions: Sequence[tuple[int, int]] | None = None,
+    *,
+    region_masks: torch.Tensor | None = None,
+    cmap: str = "inferno",
+    gap: int = 2,
+) -> np.ndarray:
+    """RGB uint8 image (for logging) tiling the ERFs (h, w, H, W) of a few positions, each normalised to
+    its own max and colour-mapped with matplotlib (no pyplot, no window). Default positions: the 4
+    corners and the centre of the feature map. With ``region_masks`` (R, H, W), region borders are drawn
+    in white."""
+    import matplotlib  # lazy: only needed for logging
+
+    fh, fw = erf.shape[:2]
+    if positions is None:
+        positions = [(0, 0), (0, fw - 1), (fh // 2, fw // 2), (fh - 1, 0), (fh - 1, fw - 1)]
+        positions = list(dict.fromkeys(positions))
+    colormap: Callable[[np.ndarray], np.ndarray] = matplotlib.colormaps[cmap]
+    border = None
+    if region_masks is not None:
+        lab = region_masks.detach().cpu().float().argmax(0)
+        border = torch.zeros_like(lab, dtype=torch.bool)
+        border[1:] |= lab[1:] != lab[:-1]
+        border[:, 1:] |= lab[:, 1:] != lab[:, :-1]
+        border = border.numpy()
+    tiles = []
+    for j, k in positions:
+        g = erf[j, k].detach().cpu().double()
+        g = (g / g.max()).numpy() if g.max() > 0 else g.numpy()
+        rgb = (colormap(g)[..., :3] * 255).round().astype(np.uint8)
+        if border is not None:
+            rgb[border] = 255
+        tiles.append(rgb)
+    big_h, big_w = tiles[0].shape[:2]
+    grid = np.zeros((big_h, len(tiles) * (big_w + gap) - gap, 3), dtype=np.uint8)
+    for i, tile in enumerate(tiles):
+        grid[:, i * (big_w + gap) : i * (big_w + gap) + big_w] = tile
+    return grid

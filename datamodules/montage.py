@@ -79,7 +79,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from cheaplunch.errors import UserError
-from common.images import new_batch_tensor, normalize_images
+from common.images import annotate_montage, new_batch_tensor, normalize_images
 from datamodules.sample_bank import (
     BANK_VERSION,
     DEFAULT_NEGATIVES_AVOID,
@@ -664,36 +664,6 @@ class MontageDataModule(L.LightningDataModule):
 # Previews
 # --------------------------------------------------------------------------------------------------
 
-_POSITION_COLOURS = {  # RGB
-    "top_left": (255, 64, 64),
-    "top_right": (64, 200, 255),
-    "bottom_left": (255, 220, 0),
-    "bottom_right": (80, 255, 80),
-}
-
-
-def annotate(canvas: np.ndarray, cells: Sequence[dict[str, Any]], class_names: Sequence[str],
-             layout: MontageLayout | None = None) -> np.ndarray:
-    """A copy of ``canvas`` (enlarged 2x, nearest, when small so the text is legible) with the preset
-    cells (thin grey), each sample's ``cell_box`` (coloured per position) and "group: class" drawn."""
-    k = 2 if max(canvas.shape[:2]) < 400 else 1
-    img = np.ascontiguousarray(np.repeat(np.repeat(canvas, k, axis=0), k, axis=1))
-    if layout is not None:
-        for x, y, w, h in layout.cell_boxes().values():
-            cv2.rectangle(img, (x * k, y * k), ((x + w) * k - 1, (y + h) * k - 1), (128, 128, 128), 1)
-    for cell in cells:
-        x, y, w, h = cell["cell_box"]
-        colour = _POSITION_COLOURS[cell["position"]]
-        cv2.rectangle(img, (x * k, y * k), ((x + w) * k - 1, (y + h) * k - 1), colour, 2)
-        name = class_names[cell["label"]] if 0 <= cell["label"] < len(class_names) else str(cell["label"])
-        text = f"{cell['group']}: {name}" + (" (flip)" if cell["flip"] else "")
-        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)
-        tx, ty = x * k + 3, y * k + 3
-        cv2.rectangle(img, (tx - 2, ty - 2), (tx + tw + 2, ty + th + base), (0, 0, 0), -1)
-        cv2.putText(img, text, (tx, ty + th), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1, cv2.LINE_AA)
-    return img
-
-
 def write_preview(
     source: MontageDataModule | MontageAssembler, out_dir: str | os.PathLike, n: int = 8, seed: int = 0
 ) -> list[Path]:
@@ -717,7 +687,7 @@ def write_preview(
         raw = out / f"montage_{k:04d}.png"
         if not cv2.imwrite(str(raw), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):
             raise OSError(f"{raw}: could not write PNG")
-        ann = annotate(canvas, cells, names, assembler.layout)
+        ann = annotate_montage(canvas, cells, names, assembler.layout)
         cv2.imwrite(str(out / f"montage_{k:04d}_annotated.png"), cv2.cvtColor(ann, cv2.COLOR_RGB2BGR))
         meta = {"canvas": list(assembler.layout.canvas), "cells": [{key: c[key] for key in CELL_KEYS} for c in cells]}
         (out / f"montage_{k:04d}.json").write_text(json.dumps(meta, indent=1))

@@ -25,10 +25,9 @@ from omegaconf import DictConfig
 
 from callbacks.image_logging import log_images
 from cheaplunch.errors import UserError
-from common.images import normalize, to_uint8_image
+from common.images import normalize, overlay_labels, to_uint8_image
 from datamodules.distorted import DistortedBatch
 from lightning_modules.base import PretrainModule
-from lightning_modules.finetune_base import overlay_labels
 from models.export import DECODER_FILE
 from models.pixel_contrastive import (
     FORMULATIONS,
