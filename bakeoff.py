@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             parse_inits,
         )
         from cheaplunch.bakeoff_report import log_wandb, write_json, write_markdown, write_plot
-        from cheaplunch.errors import UserError
+        from common.errors import UserError
 
         if args.launcher == "slurm":
             raise UserError("--launcher slurm is not built yet; run with --launcher local (one run at a time)")

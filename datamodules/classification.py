@@ -32,7 +32,7 @@ from PIL import Image
 from timm.data import rand_augment_transform
 from torch.utils.data import DataLoader, Dataset
 
-from cheaplunch.errors import DataError, UserError
+from common.errors import DataError, UserError
 from common.images import IMAGENET_MEAN, to_uint8_image
 from datamodules.finetune_common import loader_kwargs, subset_from_config, val_loader
 from datamodules.layout import resolve_dataset

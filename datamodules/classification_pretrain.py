@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from cheaplunch.errors import DataError, UserError
+from common.errors import DataError, UserError
 from common.images import normalize_255
 from datamodules.classification import ImageCache, coco_crops, folder_images, is_image_folder
 from datamodules.finetune_common import labelled_subset, loader_kwargs, val_loader

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
 from common.images import overlay_labels
 from datamodules.finetune_common import loader_kwargs, subset_from_config
 from datamodules.segmentation import SegmentationData, SegmentationDataModule

@@ -61,7 +61,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from cheaplunch import DEFAULT_DATA_DIR
-from cheaplunch.errors import DataError, UserError
+from common.errors import DataError, UserError
 from datamodules.transforms import color_jitter, random_crop_resize, resize
 
 STAMP_ROOT = Path("/usr/share/tuxpaint/stamps")

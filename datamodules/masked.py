@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
 from common.images import normalize_uint8  # LUT-based uint8 -> normalised float (shared)
 from datamodules.readers import IMAGE_SUFFIXES, read_image
 from models.fcmae import num_masked

@@ -78,7 +78,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
 from common.images import annotate_montage, new_batch_tensor, normalize_images
 from datamodules.sample_bank import (
     BANK_VERSION,

@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from callbacks.image_logging import log_images
-from cheaplunch.errors import UserError
+from common.errors import UserError
 from common.images import normalize, overlay_labels, to_uint8_image
 from datamodules.distorted import DistortedBatch
 from lightning_modules.base import PretrainModule

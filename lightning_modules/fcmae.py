@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from callbacks.image_logging import log_images
-from cheaplunch.errors import UserError
+from common.errors import UserError
 from common.images import denormalize
 from lightning_modules.base import PretrainModule
 from models.fcmae import FCMAE, upsample_mask

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from callbacks.erf_refresh import ERFRefresh
 from callbacks.image_logging import log_images
-from cheaplunch.errors import UserError
+from common.errors import UserError
 from common.images import denormalize, draw_cell_borders, normalize_images
 from datamodules.montage import MontageBatch
 from lightning_modules.base import PretrainModule

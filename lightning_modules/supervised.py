@@ -35,7 +35,7 @@ from timm.data import Mixup
 from torch import nn
 from torchmetrics.aggregation import SumMetric
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
 from lightning_modules.base import PretrainModule
 from models.backbones import create_backbone
 from models.distillation import distillation_loss, soft_cross_entropy

@@ -33,7 +33,7 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
 from common.images import IMAGENET_MEAN, IMAGENET_STD
 
 DETECTORS = ("retinanet", "faster_rcnn", "mask_rcnn")

@@ -13,7 +13,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from cheaplunch.errors import DataWarning
+from common.errors import DataWarning
 from datamodules.finetune_common import labelled_subset
 from datamodules.readers import load_coco
 from models.evaluation import (
@@ -161,7 +161,7 @@ def test_labelled_subsets_are_deterministic_and_nested():
     assert not np.array_equal(a, labelled_subset(1000, fraction=0.1, seed=1))
     assert np.array_equal(labelled_subset(7), np.arange(7))
     assert len(labelled_subset(12, fraction=0.01)) == 1  # at least one image
-    from cheaplunch.errors import UserError
+    from common.errors import UserError
 
     with pytest.raises(UserError, match="label-fraction"):
         labelled_subset(10, fraction=1.5)

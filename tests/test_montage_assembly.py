@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
 from common.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,

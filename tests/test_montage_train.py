@@ -78,7 +78,7 @@ def test_each_objective_reduces_the_loss_on_a_fixed_batch(tiny_embedded, objecti
 def test_num_classes_that_disagrees_with_the_data_is_an_error(tiny_embedded):
     import types
 
-    from cheaplunch.errors import UserError
+    from common.errors import UserError
     from lightning_modules.montage import MontageModule
 
     cfg, dm = _datamodule(tiny_embedded)

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cheaplunch.config import load_config
-from cheaplunch.errors import UserError
 from cheaplunch.registry import METHODS
+from common.errors import UserError
 from datamodules.classification_pretrain import (
     TrainTransform,
     color_jitter,
