@@ -38,8 +38,9 @@ from torchmetrics.aggregation import SumMetric
 from common.errors import UserError
 from lightning_modules.base import PretrainModule
 from models.backbones import create_backbone
-from models.distillation import distillation_loss, soft_cross_entropy
+from models.distillation import distillation_loss
 from models.export import load_weights
+from models.montage_losses import soft_cross_entropy
 
 INITS = ("xavier", "timm")
 

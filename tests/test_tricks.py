@@ -36,7 +36,8 @@ from lightning_modules.supervised import (
     stride_on_first_1x1,
     xavier_init,
 )
-from models.distillation import distillation_loss, soft_cross_entropy
+from models.distillation import distillation_loss
+from models.montage_losses import soft_cross_entropy
 
 TINY = ["model.arch=resnet26", "model.backbone_kwargs={layers: [1, 1, 1, 1]}", "model.num_classes=5",
         "data.batch_size=8", "data.image_size=32"]
