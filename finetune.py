@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from cheaplunch.cli import add_overrides_argument, add_run_arguments, flag_overrides, run_cli
-from cheaplunch.errors import UserError
 from cheaplunch.registry import TASKS, describe, lookup
+from common.errors import UserError
 
 DETECTORS = ("retinanet", "faster_rcnn", "mask_rcnn")
 

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from cheaplunch.errors import UserError  # noqa: E402
+from common.errors import UserError  # noqa: E402
 
 # The metric plotted per task, and the columns of the table (paths into results.json).
 HEADLINE = {"detection": "bbox/AP", "segmentation": "mIoU", "classification": "top1"}

@@ -108,14 +108,8 @@ def _measure(args: argparse.Namespace, photos: list[Path], coco: object, source:
     from torch.utils.data import default_collate
     from torchvision import transforms as T
 
-    from datamodules.montage import (
-        IMAGENET_MEAN,
-        IMAGENET_STD,
-        MontageAssembler,
-        MontageDataset,
-        collate_montages,
-        normalize_images,
-    )
+    from common.images import IMAGENET_MEAN, IMAGENET_STD, normalize_images
+    from datamodules.montage import MontageAssembler, MontageDataset, collate_montages
     from datamodules.sample_bank import SampleBank
     from models.layout import MontageLayout
 

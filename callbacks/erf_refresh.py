@@ -18,8 +18,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.image_logging import log_images
-from cheaplunch.errors import UserError
-from models.erf import BN_MODES, BatchNormMode, compute_erf, erf_heatmap_grid, soft_label_weights
+from common.errors import UserError
+from common.images import erf_heatmap_grid
+from models.erf import BN_MODES, BatchNormMode, compute_erf, soft_label_weights
 
 
 class ERFRefresh(Callback):

@@ -39,7 +39,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cheaplunch import slurm
-from cheaplunch.errors import UserError
+from common.errors import UserError
 
 _STEP_CKPT = re.compile(r"step(\d+)(?:-v\d+)?\.ckpt")  # ModelCheckpoint's names (runner: filename="step{step:07d}")
 _TEMPORARY = ".tmp-"  # infix of SafeCheckpointIO's temporary files: ".last.ckpt.tmp-<pid>"

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
 
 
 def scheduled_lr(

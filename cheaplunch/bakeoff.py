@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from cheaplunch import CONFIG_DIR, REPO_ROOT
-from cheaplunch.errors import UserError
 from cheaplunch.stats import Interval, paired_difference, t_interval, verdict
+from common.errors import UserError
 
 METHODS = ("montage", "fcmae", "contrastive", "supervised")
 TASKS = ("detection", "segmentation")

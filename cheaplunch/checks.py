@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
 from datamodules.image_check import BAD_IMAGE_POLICIES
 from lightning_modules.base import optimizer_kwargs
 

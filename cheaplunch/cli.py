@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, default_out: str, seed_help: str) -> None:

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from cheaplunch import CONFIG_DIR
-from cheaplunch.errors import UserError
+from common.errors import UserError
 
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
 

@@ -27,7 +27,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cheaplunch.checks import check_config
 from cheaplunch.config import _load_yaml, _merge, load_config
-from cheaplunch.errors import UserError
 from cheaplunch.registry import TASKS, Entry, lookup
 from cheaplunch.runner import (
     apply_cli_overrides,
@@ -39,6 +38,7 @@ from cheaplunch.runner import (
     make_run_dir,
     write_run_config,
 )
+from common.errors import UserError
 from models.backbone_loading import SCRATCH, BackboneSource, resolve_backbone
 from models.export import load_state_strict, load_weights
 

@@ -10,7 +10,6 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from cheaplunch.checks import check_config
 from cheaplunch.config import load_config
-from cheaplunch.errors import UserError
 from cheaplunch.registry import METHODS, lookup
 from cheaplunch.runner import (
     apply_cli_overrides,
@@ -20,6 +19,7 @@ from cheaplunch.runner import (
     make_run_dir,
     write_run_config,
 )
+from common.errors import UserError
 
 
 def run_pretraining(

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cheaplunch import CONFIG_DIR
-from cheaplunch.errors import UserError
+from common.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from callbacks.lr_schedule import WarmupCosineLR
 from callbacks.run_artifacts import ExportBackbone, RankAudit
 from cheaplunch import REPO_ROOT, slurm
 from cheaplunch.config import save_config, to_dict
-from cheaplunch.errors import UserError
+from common.errors import UserError
 from lightning_modules.base import NonFiniteLossError, batch_size_of
 
 log = logging.getLogger("cheaplunch")

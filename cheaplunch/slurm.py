@@ -15,7 +15,7 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
 
 
 @dataclass(frozen=True)

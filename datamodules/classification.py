@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, rand_augment_transform
+from timm.data import rand_augment_transform
 from torch.utils.data import DataLoader, Dataset
 
-from cheaplunch.errors import DataError, UserError
+from common.errors import DataError, UserError
+from common.images import IMAGENET_MEAN, to_uint8_image
 from datamodules.finetune_common import loader_kwargs, subset_from_config, val_loader
 from datamodules.layout import resolve_dataset
 from datamodules.readers import IMAGE_SUFFIXES, image_folder, load_coco, read_image
@@ -152,7 +153,7 @@ class CachedImages(Dataset):
 def rand_augment(policy: str, image_size: int) -> Callable[[Image.Image], Image.Image]:
     """timm's RandAugment for `policy` (e.g. ``rand-m9-mstd0.5-inc1``), with timm's fill colour and the
     translation range set for `image_size` as ``timm.data.create_transform`` does."""
-    hparams = {"translate_const": int(image_size * 0.45), "img_mean": tuple(round(255 * x) for x in IMAGENET_DEFAULT_MEAN)}
+    hparams = {"translate_const": int(image_size * 0.45), "img_mean": tuple(round(255 * x) for x in IMAGENET_MEAN)}
     problem = f"data.rand_augment='{policy}' is not a timm RandAugment policy (e.g. rand-m9-mstd0.5-inc1)"
     sections = policy.split("-")
     # timm skips a section without a number silently; here it is an error, like any setting that cannot act
@@ -166,7 +167,7 @@ def rand_augment(policy: str, image_size: int) -> Callable[[Image.Image], Image.
 
 def apply_per_image(transform: Callable[[Image.Image], Image.Image], images: torch.Tensor) -> torch.Tensor:
     """A PIL transform on each image of a float (B, 3, S, S) batch in [0, 1]; returns the same layout."""
-    pixels = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    pixels = to_uint8_image(images)  # (B, S, S, 3)
     out = np.stack([np.asarray(transform(Image.fromarray(p))) for p in pixels])
     return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255)
 

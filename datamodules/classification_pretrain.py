@@ -40,13 +40,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from cheaplunch.errors import DataError, UserError
+from common.errors import DataError, UserError
+from common.images import normalize_255
 from datamodules.classification import ImageCache, coco_crops, folder_images, is_image_folder
 from datamodules.finetune_common import labelled_subset, loader_kwargs, val_loader
 from datamodules.lighting import IMAGENET_EIGVAL, IMAGENET_EIGVEC, lighting_offset
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
                          "bag", "ankle boot"]
@@ -114,13 +113,6 @@ def fashion_mnist(root: str | Path, split: str) -> ImageCache:
 
 
 # ------------------------------------------------------------------------------------------ transforms
-def _normalise_255(x: torch.Tensor) -> torch.Tensor:
-    """0-255 float RGB -> ImageNet-normalised."""
-    mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
-    std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
-    return (x - mean) / std
-
-
 def to_rgb(images: torch.Tensor) -> torch.Tensor:
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
@@ -214,7 +206,7 @@ class TrainTransform:
             alpha = torch.randn(b, 3, generator=g) * self.lighting_std
             x = x + lighting_offset(alpha, self.eigval, self.eigvec)[:, :, None, None]
             x = x.clamp_(0, 255)
-        return _normalise_255(x.contiguous())
+        return normalize_255(x.contiguous())
 
 
 def eval_resize_crop(images: torch.Tensor, size: int, resize_ratio: float = 256 / 224, chunk: int = 2048) -> torch.Tensor:
@@ -260,7 +252,7 @@ class _EvalCollate:
 
     def __call__(self, index: list[int]) -> SupervisedBatch:
         idx = torch.as_tensor(index, dtype=torch.long)
-        return SupervisedBatch(_normalise_255(to_rgb(self.images[idx]).float()), self.labels[idx], idx)
+        return SupervisedBatch(normalize_255(to_rgb(self.images[idx]).float()), self.labels[idx], idx)
 
 
 def resolve_source(d: DictConfig) -> str:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader, Dataset
 
-from cheaplunch.errors import DataError
+from common.errors import DataError
 from datamodules.finetune_common import loader_kwargs, subset_from_config, val_loader
 from datamodules.image_check import check_images
 from datamodules.layout import DatasetPaths, resolve_dataset

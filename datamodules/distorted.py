@@ -27,7 +27,8 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
+from common.images import overlay_labels
 from datamodules.finetune_common import loader_kwargs, subset_from_config
 from datamodules.segmentation import SegmentationData, SegmentationDataModule
 
@@ -164,8 +165,6 @@ class DistortedDataModule(L.LightningDataModule):
 
     def write_preview(self, out_dir: str | Path, n: int = 8) -> list[Path]:
         """``n`` items as PNG: image | distorted | labels (class colours over the image)."""
-        from lightning_modules.finetune_base import overlay_labels
-
         self.setup()
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

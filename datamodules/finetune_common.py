@@ -12,7 +12,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
 
 
 def labelled_subset(n: int, fraction: float | None = None, count: int | None = None, seed: int = 0) -> np.ndarray:

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cheaplunch.errors import DataError, DataWarning
+from common.errors import DataError, DataWarning
 
 BAD_IMAGE_POLICIES = ("error", "skip")
 CACHE_VERSION = 1

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
 
 
 @dataclass

@@ -26,7 +26,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
+from common.images import normalize_uint8  # LUT-based uint8 -> normalised float (shared)
 from datamodules.readers import IMAGE_SUFFIXES, read_image
 from models.fcmae import num_masked
 
@@ -135,8 +136,6 @@ class EpochKeySampler(DistributedSampler):
 
 
 def collate_masked(items: list[tuple[np.ndarray, np.ndarray, int, int]]) -> MaskedBatch:
-    from datamodules.montage import normalize_uint8  # LUT-based uint8 -> normalised float (shared)
-
     return MaskedBatch(
         images=normalize_uint8([it[0] for it in items]),
         mask=torch.from_numpy(np.stack([it[1] for it in items])),

@@ -55,8 +55,9 @@ The workers emit **uint8** batches (FFCV/DALI style): ``collate_montages`` copie
 (B, H, W, 3) uint8 block and hands it out as a (B, 3, H, W) view (channels-last memory, no transpose
 on the CPU), so a worker writes, and sends to the main process, 150 KB per 224x224 montage instead of
 600 KB of float32. The ImageNet normalisation runs on the training device, after the batch has been
-moved there: ``normalize_images`` (one function, used by ``MontageModule.on_after_batch_transfer`` and by
-``MontageDataModule.erf_images``), which also sets the memory format the model wants.
+moved there: ``normalize_images`` (one function, in ``common.images``, used by
+``MontageModule.on_after_batch_transfer`` and by ``MontageDataModule.erf_images``), which also sets the
+memory format the model wants.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
+from common.images import annotate_montage, new_batch_tensor, normalize_images
 from datamodules.sample_bank import (
     BANK_VERSION,
     DEFAULT_NEGATIVES_AVOID,
@@ -91,9 +93,6 @@ from datamodules.sample_bank import (
 from models.layout import POSITION_GROUPS, POSITIONS, MontageLayout
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 CELL_KEYS: tuple[str, ...] = (
     "position", "group", "label", "category_id", "image_id", "source_box", "scale", "flip", "cell_box",
@@ -421,92 +420,6 @@ class MontageSampler(DistributedSampler):
         return (base + i for k, i in enumerate(super().__iter__()) if k >= skip)
 
 
-_MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-_STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-# uint8 value -> normalised float32, one 256-entry table per channel: (v / 255 - mean) / std
-_LUTS = [
-    ((np.arange(256, dtype=np.float64) / 255.0 - m) / s).astype(np.float32).reshape(1, 256)
-    for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)
-]
-_LUT_HWC = np.ascontiguousarray(np.stack([t[0] for t in _LUTS], axis=-1).reshape(1, 256, 3))  # 3-channel table
-_AFFINE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (1/(255 std), -mean/std)
-
-
-def normalize_images(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """(B, 3, H, W) uint8 RGB, any memory layout, on any device -> (B, 3, H, W) float32
-    ``(x / 255 - mean) / std`` with the ImageNet mean/std, in the channels-last memory format if
-    ``channels_last`` else contiguous (NCHW). The one normalisation of montage batches: the LightningModule
-    applies it on the device after the transfer (``on_after_batch_transfer``), ``erf_images`` before
-    returning.
-
-    On an accelerator: the memory format is fixed on the uint8 tensor (a quarter of the bytes), then one
-    cast and one fused ``addcmul`` (``x * 1/(255 std) + (-mean/std)``). On the CPU, where those torch
-    kernels ran about 3x slower than a table look-up on one core, OpenCV's ``cv2.LUT`` maps each image
-    through per-channel float tables (the same values, computed in float64 once)."""
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"expected (B, 3, H, W) uint8 images, got {tuple(images.shape)} {images.dtype}")
-    if images.device.type == "cpu":
-        hwc = images.permute(0, 2, 3, 1)  # a view; a plain copy per image if the input is NCHW
-        if not channels_last:
-            return normalize_uint8(hwc)
-        b, h, w, _ = hwc.shape
-        result = _new_tensor((b, h, w, 3), torch.float32)
-        out = result.numpy()
-        for i in range(b):
-            cv2.LUT(np.ascontiguousarray(hwc[i].numpy()), _LUT_HWC, dst=out[i])
-        return result.permute(0, 3, 1, 2)
-    return _normalize_affine(images, channels_last)
-
-
-def _normalize_affine(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """The accelerator path of ``normalize_images`` (plain torch ops, so it runs, and is tested, on any
-    device): memory format on the uint8 tensor, then ``x * 1/(255 std) + (-mean/std)``."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if images.device not in _AFFINE:
-        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
-        _AFFINE[images.device] = ((1.0 / (255.0 * std)).float().to(images.device),
-                                  (-mean / std).float().to(images.device))
-    scale, shift = _AFFINE[images.device]
-    x = images.contiguous(memory_format=fmt).float()
-    return torch.addcmul(shift, x, scale).contiguous(memory_format=fmt)
-
-
-def normalize_uint8(images: torch.Tensor | Sequence[torch.Tensor | np.ndarray]) -> torch.Tensor:
-    """(B, H, W, 3) uint8 RGB (a tensor, or a sequence of HxWx3 arrays/tensors) -> (B, 3, H, W) float32
-    contiguous, ``(x / 255 - mean) / std`` with the ImageNet mean/std.
-
-    Per image: ``cv2.split`` into planes, then ``cv2.LUT`` through a per-channel float table straight
-    into the output plane -- one pass over the pixels, and about 2x faster on one core than torch's
-    strided HWC -> CHW float copy followed by the arithmetic."""
-    first = images[0]
-    h, w = first.shape[:2]
-    result = _new_tensor((len(images), 3, h, w), torch.float32)
-    out = result.numpy()
-    for i, img in enumerate(images):
-        arr = img.numpy() if isinstance(img, torch.Tensor) else img
-        if arr.dtype != np.uint8 or arr.shape != (h, w, 3):
-            raise ValueError(f"expected ({h}, {w}, 3) uint8 images, got {arr.shape} {arr.dtype}")
-        for c, plane in enumerate(cv2.split(np.ascontiguousarray(arr))):
-            cv2.LUT(plane, _LUTS[c], dst=out[i, c])
-    return result
-
-
-def _new_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised contiguous tensor. Inside a DataLoader worker it is allocated in shared memory
-    directly (as ``default_collate`` does), which saves copying the batch there when it is sent;
-    elsewhere by numpy, whose large allocations ask for transparent huge pages (page-faulting a
-    38 MB batch in measured 2-3x faster than ``torch.empty``)."""
-    if torch.utils.data.get_worker_info() is not None:
-        try:
-            proto = torch.empty(0, dtype=dtype)
-            storage = proto._typed_storage()._new_shared(int(np.prod(shape)), device=proto.device)
-            return proto.new(storage).resize_(shape)
-        except (AttributeError, RuntimeError):  # private API moved: fall back to a plain tensor
-            pass
-    return torch.from_numpy(np.empty(shape, torch.empty(0, dtype=dtype).numpy().dtype))
-
-
 @dataclass
 class MontageBatch:
     """A batch of montages."""
@@ -538,7 +451,7 @@ def collate_montages(items: Sequence[MontageItem]) -> MontageBatch:
     anyway, on the device."""
     first = items[0].image
     h, w = first.shape[:2]
-    result = _new_tensor((len(items), h, w, 3), torch.uint8)
+    result = new_batch_tensor((len(items), h, w, 3), torch.uint8)
     out = result.numpy()
     for i, it in enumerate(items):
         arr = it.image.numpy() if isinstance(it.image, torch.Tensor) else it.image
@@ -551,15 +464,6 @@ def collate_montages(items: Sequence[MontageItem]) -> MontageBatch:
         cell_boxes=torch.tensor([it.cell_boxes for it in items], dtype=torch.long),
         index=torch.tensor([it.index for it in items], dtype=torch.long),
     )
-
-
-def denormalize(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) normalised float -> (B, H, W, 3) uint8 (for pictures); uint8 images (a batch not yet
-    normalised) are passed through, only moved to the CPU and to HWC."""
-    if images.dtype == torch.uint8:
-        return images.detach().cpu().permute(0, 2, 3, 1).contiguous().numpy()
-    x = images.detach().cpu().float() * _STD + _MEAN
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -777,36 +681,6 @@ class MontageDataModule(L.LightningDataModule):
 # Previews
 # --------------------------------------------------------------------------------------------------
 
-_POSITION_COLOURS = {  # RGB
-    "top_left": (255, 64, 64),
-    "top_right": (64, 200, 255),
-    "bottom_left": (255, 220, 0),
-    "bottom_right": (80, 255, 80),
-}
-
-
-def annotate(canvas: np.ndarray, cells: Sequence[dict[str, Any]], class_names: Sequence[str],
-             layout: MontageLayout | None = None) -> np.ndarray:
-    """A copy of ``canvas`` (enlarged 2x, nearest, when small so the text is legible) with the preset
-    cells (thin grey), each sample's ``cell_box`` (coloured per position) and "group: class" drawn."""
-    k = 2 if max(canvas.shape[:2]) < 400 else 1
-    img = np.ascontiguousarray(np.repeat(np.repeat(canvas, k, axis=0), k, axis=1))
-    if layout is not None:
-        for x, y, w, h in layout.cell_boxes().values():
-            cv2.rectangle(img, (x * k, y * k), ((x + w) * k - 1, (y + h) * k - 1), (128, 128, 128), 1)
-    for cell in cells:
-        x, y, w, h = cell["cell_box"]
-        colour = _POSITION_COLOURS[cell["position"]]
-        cv2.rectangle(img, (x * k, y * k), ((x + w) * k - 1, (y + h) * k - 1), colour, 2)
-        name = class_names[cell["label"]] if 0 <= cell["label"] < len(class_names) else str(cell["label"])
-        text = f"{cell['group']}: {name}" + (" (flip)" if cell["flip"] else "")
-        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.4, 1)
-        tx, ty = x * k + 3, y * k + 3
-        cv2.rectangle(img, (tx - 2, ty - 2), (tx + tw + 2, ty + th + base), (0, 0, 0), -1)
-        cv2.putText(img, text, (tx, ty + th), cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1, cv2.LINE_AA)
-    return img
-
-
 def write_preview(
     source: MontageDataModule | MontageAssembler, out_dir: str | os.PathLike, n: int = 8, seed: int = 0
 ) -> list[Path]:
@@ -830,7 +704,7 @@ def write_preview(
         raw = out / f"montage_{k:04d}.png"
         if not cv2.imwrite(str(raw), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):
             raise OSError(f"{raw}: could not write PNG")
-        ann = annotate(canvas, cells, names, assembler.layout)
+        ann = annotate_montage(canvas, cells, names, assembler.layout)
         cv2.imwrite(str(out / f"montage_{k:04d}_annotated.png"), cv2.cvtColor(ann, cv2.COLOR_RGB2BGR))
         meta = {"canvas": list(assembler.layout.canvas), "cells": [{key: c[key] for key in CELL_KEYS} for c in cells]}
         (out / f"montage_{k:04d}.json").write_text(json.dumps(meta, indent=1))

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from cheaplunch.errors import DataError, DataWarning
+from common.errors import DataError, DataWarning
 
 if TYPE_CHECKING:
     from pycocotools.coco import COCO

@@ -74,7 +74,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from cheaplunch.errors import DataError, UserError
+from common.errors import DataError, UserError
 
 if TYPE_CHECKING:
     from datamodules.readers import CocoDataset

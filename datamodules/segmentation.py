@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from cheaplunch.errors import DataError
+from common.errors import DataError
 from datamodules.finetune_common import loader_kwargs, subset_from_config, val_loader
 from datamodules.image_check import check_images
 from datamodules.layout import resolve_dataset

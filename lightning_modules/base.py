@@ -18,7 +18,7 @@ from timm.models._manipulate import group_with_matcher
 from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers
 from torch import nn
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
 from models.backbones import create_backbone
 from models.export import export_backbone, state_mismatch
 

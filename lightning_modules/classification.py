@@ -28,9 +28,10 @@ from torch import nn
 from torchmetrics.aggregation import SumMetric
 
 from callbacks.image_logging import log_images
-from cheaplunch.errors import UserError
+from common.errors import UserError
+from common.images import to_uint8_image
 from datamodules.classification import ClassificationBatch
-from lightning_modules.finetune_base import FinetuneModule, to_uint8_image
+from lightning_modules.finetune_base import FinetuneModule
 from models.detectors import convert_norm
 from models.evaluation import topk_correct
 

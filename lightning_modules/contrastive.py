@@ -24,10 +24,10 @@ import torch
 from omegaconf import DictConfig
 
 from callbacks.image_logging import log_images
-from cheaplunch.errors import UserError
+from common.errors import UserError
+from common.images import normalize, overlay_labels, to_uint8_image
 from datamodules.distorted import DistortedBatch
 from lightning_modules.base import PretrainModule
-from lightning_modules.finetune_base import IMAGENET_MEAN, IMAGENET_STD, overlay_labels, to_uint8_image
 from models.export import DECODER_FILE
 from models.pixel_contrastive import (
     FORMULATIONS,
@@ -70,8 +70,6 @@ class ContrastiveModule(PretrainModule):
                                    atrous_rates=tuple(int(r) for r in m.atrous_rates),
                                    decoder_channels=int(m.decoder_channels), proj_dim=int(m.proj_dim),
                                    proj_layers=int(m.proj_layers), proj_norm=bool(m.proj_norm))
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def loss_kwargs(self) -> dict[str, Any]:
         m = self.cfg.model
@@ -80,13 +78,7 @@ class ContrastiveModule(PretrainModule):
                     max_pixels=None if m.max_pixels is None else int(m.max_pixels), sampling=str(m.sampling))
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float()
-        if images.dtype == torch.uint8:
-            x = x / 255.0
-        x = (x - self.mean) / self.std
-        if self.cfg.runtime.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return normalize(images, channels_last=bool(self.cfg.runtime.channels_last))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 or float images -> (B, proj_dim, H / loss_stride, W / loss_stride) unit features."""

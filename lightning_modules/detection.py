@@ -18,8 +18,9 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from callbacks.image_logging import log_images
+from common.images import draw_detections, to_uint8_image
 from datamodules.detection import DetectionBatch
-from lightning_modules.finetune_base import FinetuneModule, draw_detections, to_uint8_image
+from lightning_modules.finetune_base import FinetuneModule
 from models.detectors import build_detector, convert_norm, freeze_stages, label_offset
 from models.evaluation import coco_evaluate, detections_to_coco
 

@@ -17,9 +17,9 @@ import torch
 from omegaconf import DictConfig
 
 from callbacks.image_logging import log_images
-from cheaplunch.errors import UserError
+from common.errors import UserError
+from common.images import denormalize
 from lightning_modules.base import PretrainModule
-from lightning_modules.montage import denormalize
 from models.fcmae import FCMAE, upsample_mask
 
 

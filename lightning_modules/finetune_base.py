@@ -24,16 +24,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import cv2
-import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from common.images import normalize
 from lightning_modules.base import PretrainModule
 from models.backbone_loading import load_backbone_weights
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -84,16 +80,8 @@ class FinetuneModule(PretrainModule):
         return self
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (0..255) or float (0..1) RGB batch -> ImageNet-normalised float."""
-        x = images.float()
-        if images.dtype == torch.uint8:
-            x = x / 255.0
-        mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        x = (x - mean) / std
-        if self.cfg.runtime.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        """uint8 (0..255) or float (0..1) RGB batch -> ImageNet-normalised float (``common.images.normalize``)."""
+        return normalize(images, channels_last=bool(self.cfg.runtime.channels_last))
 
     # ---- evaluation record --------------------------------------------------------------------
     def history_file(self) -> Path | None:
@@ -138,50 +126,3 @@ class FinetuneModule(PretrainModule):
         """Whether to draw prediction images in this validation (rank 0, not in the sanity check)."""
         return (self._trainer is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking
                 and int(self.cfg.logging.num_images) > 0)
-
-
-# ------------------------------------------------------------------------------------- drawing
-def palette(n: int) -> np.ndarray:
-    """(n, 3) uint8 distinct colours (golden-ratio hues), fixed for a given n."""
-    hues = (np.arange(n) * 0.618033988749895) % 1.0
-    hsv = np.stack([hues * 179, np.full(n, 200), np.full(n, 255)], axis=1).astype(np.uint8)[None]
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0]
-
-
-def to_uint8_image(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) uint8 or float in [0, 1] -> HxWx3 uint8 array."""
-    if image.dtype != torch.uint8:
-        image = (image.detach().float().clamp(0, 1) * 255).round().byte()
-    return np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())
-
-
-def draw_detections(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, scores: np.ndarray | None,
-                    names: list[str], masks: np.ndarray | None = None) -> np.ndarray:
-    """Boxes (x0, y0, x1, y1) with 'name score' tags, and translucent instance masks, on a copy of `image`."""
-    out = image.copy()
-    colours = palette(max(len(names), 1))
-    if masks is not None and len(masks):
-        overlay = out.astype(np.float32)
-        for m, lab in zip(masks.astype(bool), labels):
-            overlay[m] = 0.5 * overlay[m] + 0.5 * colours[int(lab) % len(colours)]
-        out = overlay.round().astype(np.uint8)
-    for i, (box, lab) in enumerate(zip(boxes, labels)):
-        c = tuple(int(v) for v in colours[int(lab) % len(colours)])
-        x0, y0, x1, y1 = (int(round(float(v))) for v in box)
-        cv2.rectangle(out, (x0, y0), (x1, y1), c, 1)
-        tag = names[int(lab)] if int(lab) < len(names) else str(int(lab))
-        if scores is not None:
-            tag += f" {float(scores[i]):.2f}"
-        cv2.putText(out, tag, (x0, max(y0 - 2, 8)), cv2.FONT_HERSHEY_SIMPLEX, 0.3, c, 1, cv2.LINE_AA)
-    return out
-
-
-def overlay_labels(image: np.ndarray, label: np.ndarray, num_classes: int, ignore_index: int = 255,
-                   alpha: float = 0.5) -> np.ndarray:
-    """Class colours blended over `image` (class 0 = background left uncoloured; ignore pixels grey)."""
-    colours = np.concatenate([palette(num_classes), np.full((256 - num_classes, 3), 128, np.uint8)])
-    colours[0] = 0
-    tint = colours[label.astype(np.int64).clip(0, 255)].astype(np.float32)
-    weight = np.where((label > 0)[..., None], alpha, 0.0)
-    weight = np.where((label == ignore_index)[..., None], 0.3, weight)
-    return (image.astype(np.float32) * (1 - weight) + tint * weight).round().astype(np.uint8)

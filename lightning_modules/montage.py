@@ -22,8 +22,9 @@ from omegaconf import DictConfig
 
 from callbacks.erf_refresh import ERFRefresh
 from callbacks.image_logging import log_images
-from cheaplunch.errors import UserError
-from datamodules.montage import MontageBatch, denormalize, normalize_images
+from common.errors import UserError
+from common.images import denormalize, draw_cell_borders, normalize_images
+from datamodules.montage import MontageBatch
 from lightning_modules.base import PretrainModule
 from models.heads import DenseClassifier
 from models.layout import MontageLayout
@@ -142,14 +143,3 @@ def _label_name(label: int, names: list[str] | None) -> str:
     if names is not None and label < len(names):
         return names[label]
     return str(label)
-
-
-def draw_cell_borders(image, layout: MontageLayout, colour: tuple[int, int, int] = (255, 255, 0)):
-    """A copy of the montage with the preset cell borders drawn (1 px)."""
-    out = image.copy()
-    for x, y, w, h in layout.cell_boxes().values():
-        out[y, x : x + w] = colour
-        out[y + h - 1, x : x + w] = colour
-        out[y : y + h, x] = colour
-        out[y : y + h, x + w - 1] = colour
-    return out

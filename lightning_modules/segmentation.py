@@ -19,8 +19,9 @@ from omegaconf import DictConfig
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from callbacks.image_logging import log_images
+from common.images import overlay_labels, to_uint8_image
 from datamodules.segmentation import SegmentationBatch
-from lightning_modules.finetune_base import FinetuneModule, overlay_labels, to_uint8_image
+from lightning_modules.finetune_base import FinetuneModule
 from models.detectors import convert_norm
 from models.evaluation import iou_from_confusion
 from models.export import load_state_strict

@@ -35,10 +35,11 @@ from timm.data import Mixup
 from torch import nn
 from torchmetrics.aggregation import SumMetric
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
 from lightning_modules.base import PretrainModule
 from models.classifier import Classifier
-from models.distillation import distillation_loss, load_teacher, soft_cross_entropy
+from models.distillation import distillation_loss, load_teacher
+from models.montage_losses import soft_cross_entropy
 from models.tricks import last_block_norms, set_zero_gamma, stride_on_first_1x1, xavier_init
 
 INITS = ("xavier", "timm")

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
 from models.export import DECODER_FILE, load_state_strict, load_weights, read_backbone
 
 SCRATCH = "scratch"

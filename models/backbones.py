@@ -6,7 +6,7 @@ import timm
 import torch
 from torch import nn
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
 
 
 def create_backbone(arch: str, *, pretrained: bool = False, **kwargs) -> nn.Module:

@@ -33,13 +33,12 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
+from common.images import IMAGENET_MEAN, IMAGENET_STD
 
 DETECTORS = ("retinanet", "faster_rcnn", "mask_rcnn")
 HEAD_NORMS = ("none", "gn")  # norm layers of the FPN and heads (see build_detector)
 NORMS = ("frozen_bn", "bn", "syncbn", "gn")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Feature strides each detector builds its FPN on (torchvision / Detectron conventions):
 # two-stage detectors use C2..C5 (+ max-pooled P6), RetinaNet C3..C5 (+ P6, P7 by strided convs).
 FPN_STRIDES = {"retinanet": (8, 16, 32), "faster_rcnn": (4, 8, 16, 32), "mask_rcnn": (4, 8, 16, 32)}

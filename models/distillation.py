@@ -4,7 +4,8 @@ Sec. 5.3) and GluonCV's ``DistillationSoftmaxCrossEntropyLoss``:
     loss = hard_weight * CE(z, y) + (1 - hard_weight) * T^2 * CE(softmax(r / T), softmax(z / T))
 
 z: student logits, r: teacher logits, y: the (hard or soft) target, T: temperature. CE(q, softmax(s))
-= -sum_k q_k log softmax(s)_k (averaged over the batch); it differs from the KL divergence only by the
+= -sum_k q_k log softmax(s)_k (averaged over the batch; ``models.montage_losses.soft_cross_entropy``, which
+also takes the hard target as class indices); it differs from the KL divergence only by the
 teacher's entropy, a constant for the student. The T^2 factor keeps the soft term's gradient scale
 independent of T. hard_weight 0.5 is GluonCV's ImageNet setting, T = 20 the paper's.
 
@@ -20,18 +21,11 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
 from models.classifier import Classifier
 from models.export import load_weights
+from models.montage_losses import soft_cross_entropy
 from models.tricks import build_backbone
-
-
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Batch mean of -sum_k target_k * log_softmax(logits)_k; `target` rows are distributions
-    (mixup / label smoothing) or, if 1-D, class indices."""
-    if target.ndim == 1:
-        return F.cross_entropy(logits, target)
-    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
 def distillation_loss(

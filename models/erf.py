@@ -43,11 +43,10 @@ the benchmark with ``--device cuda`` to check). "auto" falls back to the loop if
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -57,7 +56,6 @@ __all__ = [
     "compute_erf_bruteforce",
     "soft_label_weights",
     "position_regions_from_masks",
-    "erf_heatmap_grid",
 ]
 
 ErfMethod = Literal["auto", "loop", "vmap", "func"]
@@ -313,42 +311,3 @@ def soft_label_weights(erf: Tensor, region_masks: Tensor, tau: float = 0.7) -> T
     weights = torch.where(own_onehot, w_own[..., None], weights)
     return weights.to(erf.dtype if erf.is_floating_point() else torch.float32)
 
-
-def erf_heatmap_grid(
-    erf: Tensor,
-    positions: Sequence[tuple[int, int]] | None = None,
-    *,
-    region_masks: Tensor | None = None,
-    cmap: str = "inferno",
-    gap: int = 2,
-) -> np.ndarray:
-    """RGB uint8 image (for logging) tiling the ERFs of a few positions, each normalised to its own max
-    and colour-mapped with matplotlib (no pyplot, no window). Default positions: the 4 corners and the
-    centre of the feature map. With ``region_masks`` (R, H, W), region borders are drawn in white."""
-    import matplotlib  # lazy: only needed for logging
-
-    fh, fw = erf.shape[:2]
-    if positions is None:
-        positions = [(0, 0), (0, fw - 1), (fh // 2, fw // 2), (fh - 1, 0), (fh - 1, fw - 1)]
-        positions = list(dict.fromkeys(positions))
-    colormap: Callable[[np.ndarray], np.ndarray] = matplotlib.colormaps[cmap]
-    border = None
-    if region_masks is not None:
-        lab = region_masks.detach().cpu().float().argmax(0)
-        border = torch.zeros_like(lab, dtype=torch.bool)
-        border[1:] |= lab[1:] != lab[:-1]
-        border[:, 1:] |= lab[:, 1:] != lab[:, :-1]
-        border = border.numpy()
-    tiles = []
-    for j, k in positions:
-        g = erf[j, k].detach().cpu().double()
-        g = (g / g.max()).numpy() if g.max() > 0 else g.numpy()
-        rgb = (colormap(g)[..., :3] * 255).round().astype(np.uint8)
-        if border is not None:
-            rgb[border] = 255
-        tiles.append(rgb)
-    big_h, big_w = tiles[0].shape[:2]
-    grid = np.zeros((big_h, len(tiles) * (big_w + gap) - gap, 3), dtype=np.uint8)
-    for i, tile in enumerate(tiles):
-        grid[:, i * (big_w + gap) : i * (big_w + gap) + big_w] = tile
-    return grid

@@ -4,7 +4,7 @@ against hand computations.
 - Detection / instance segmentation: COCO AP with pycocotools' ``COCOeval`` against the dataset's own
   annotation file (crowd regions, annotation areas and all), the reference implementation.
 - Semantic segmentation: IoU per class from a confusion matrix accumulated over the whole dataset
-  (``IoU_k = TP / (TP + FP + FN)``, pixels labelled 255 ignored), mIoU = mean over classes that occur
+  (torchmetrics ``MulticlassConfusionMatrix``, in ``SegmentationModule``; ``IoU_k = TP / (TP + FP + FN)``, pixels labelled 255 ignored), mIoU = mean over classes that occur
   in the ground truth or the predictions. This is the standard (PASCAL VOC / Cityscapes / mmseg);
   it equals torchmetrics ``MulticlassJaccardIndex`` (which also pools the confusion matrix over the
   dataset), not torchmetrics ``segmentation.MeanIoU`` (which averages per image).
@@ -98,16 +98,6 @@ def coco_evaluate(
 
 
 # -------------------------------------------------------------------------- semantic segmentation
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
-    """(K, K) int64 counts, rows = ground truth, columns = prediction; `ignore_index` pixels skipped."""
-    keep = target != ignore_index
-    t = target[keep].long()
-    p = pred[keep].long()
-    if t.numel() and (int(t.max()) >= num_classes or int(t.min()) < 0):
-        raise ValueError(f"label value {int(t.max())} outside 0..{num_classes - 1} (and not {ignore_index})")
-    return torch.bincount(t * num_classes + p, minlength=num_classes * num_classes).view(num_classes, num_classes)
-
-
 def iou_from_confusion(conf: torch.Tensor) -> tuple[float, list[float], list[bool]]:
     """(mIoU, per-class IoU, defined) from a dataset-level confusion matrix.
 

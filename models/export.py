@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
 
 FORMAT_VERSION = 1
 

@@ -21,19 +21,22 @@ from models.layout import POSITIONS
 __all__ = ["soft_cross_entropy", "global_loss", "blockwise_loss", "erf_dense_loss"]
 
 
-def soft_cross_entropy(logits: Tensor, target_probs: Tensor, dim: int = 1, reduction: str = "mean") -> Tensor:
-    """-sum_k p_k log softmax(logits)_k along ``dim``. ``reduction`` as ``F.cross_entropy``: "none" keeps
-    the other dims, "mean" averages over them, "sum" adds them."""
-    if logits.shape != target_probs.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(target_probs.shape)} differ")
-    loss = -(target_probs * F.log_softmax(logits, dim=dim)).sum(dim=dim)
-    if reduction == "none":
-        return loss
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    raise ValueError(f"unknown reduction {reduction!r}")
+def soft_cross_entropy(logits: Tensor, target: Tensor, dim: int = 1, reduction: str = "mean") -> Tensor:
+    """-sum_k p_k log softmax(logits)_k along ``dim`` (the class dim), by ``F.cross_entropy`` with class
+    probability targets: ``target`` is a float tensor of the shape of ``logits`` (mixed, smoothed or
+    ERF-weighted labels), or integer class indices (``logits`` without ``dim``; plain cross-entropy).
+    ``reduction`` as ``F.cross_entropy``: "none" keeps the other dims, "mean" averages over them, "sum"
+    adds them. float16 / bfloat16 logits are taken in float32, as autocast does for this loss.
+    The one soft cross-entropy of the project (Montage objectives, distillation, mixup)."""
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"unknown reduction {reduction!r}")
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    if target.is_floating_point():
+        if logits.shape != target.shape:
+            raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(target.shape)} differ")
+        target = target.to(logits.dtype).movedim(dim, 1)
+    return F.cross_entropy(logits.movedim(dim, 1), target, reduction=reduction)
 
 
 def _check(logits: Tensor, labels: Tensor) -> None:

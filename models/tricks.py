@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
 from models.backbones import create_backbone
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from cheaplunch.bakeoff import BakeOff, Budget, Settings, parse_budget, parse_inits, summarise
-from cheaplunch.errors import UserError
 from cheaplunch.stats import BETTER, TIE
+from common.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 

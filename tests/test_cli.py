@@ -8,9 +8,9 @@ import yaml
 
 from cheaplunch import CONFIG_DIR, REPO_ROOT
 from cheaplunch.config import load_config
-from cheaplunch.errors import UserError
 from cheaplunch.registry import METHODS
 from cheaplunch.runner import apply_cli_overrides
+from common.errors import UserError
 
 
 def _run(*args):

@@ -15,10 +15,10 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from cheaplunch.config import BASE_CONFIG, load_config
-from cheaplunch.errors import UserError
 from cheaplunch.finetune import _describe_data, run_finetune
 from cheaplunch.pretrain import run_pretraining
 from cheaplunch.registry import METHODS, TASKS
+from common.errors import UserError
 from lightning_modules.base import PretrainModule
 from models.detectors import convert_norm
 

@@ -113,7 +113,7 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(tiny_embedded, loss, formu
 
 
 def test_config_errors(tiny_embedded):
-    from cheaplunch.errors import UserError
+    from common.errors import UserError
     from lightning_modules.contrastive import ContrastiveModule
 
     with pytest.raises(UserError, match="model.loss"):

@@ -11,7 +11,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from cheaplunch import REPO_ROOT
-from cheaplunch.errors import DataError, UserError
+from common.errors import DataError, UserError
 from tools.embedded import builder as E
 
 

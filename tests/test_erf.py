@@ -13,10 +13,10 @@ import timm
 import torch
 from torch import nn
 
+from common.images import erf_heatmap_grid
 from models.erf import (
     compute_erf,
     compute_erf_bruteforce,
-    erf_heatmap_grid,
     position_regions_from_masks,
     soft_label_weights,
 )

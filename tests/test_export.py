@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
 from models.backbones import create_backbone
 from models.export import export_backbone, load_state_strict, read_backbone
 

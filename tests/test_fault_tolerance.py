@@ -126,7 +126,7 @@ def test_checkpoint_writer_refuses_non_finite_and_keeps_the_old_file_on_a_full_d
     import errno
 
     from callbacks.fault_tolerance import SafeCheckpointIO, remove_stray_temporaries
-    from cheaplunch.errors import UserError
+    from common.errors import UserError
 
     io, path = SafeCheckpointIO(), tmp_path / "last.ckpt"
     good = {"state_dict": {"bn.running_var": torch.ones(4)}, "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(4)}}}],
@@ -166,7 +166,7 @@ def test_resuming_another_model_is_a_clear_error_before_training(tmp_path):
     from omegaconf import OmegaConf
 
     from callbacks.fault_tolerance import check_resume_checkpoint
-    from cheaplunch.errors import UserError
+    from common.errors import UserError
     from lightning_modules.base import resume_mismatch
 
     own = torch.nn.Linear(2, 3).state_dict()
@@ -197,7 +197,7 @@ def test_resuming_another_model_is_a_clear_error_before_training(tmp_path):
 def test_half_written_last_ckpt_offers_the_newest_intact_step_checkpoint(tmp_path):
     """Issue #14: the refusal of a cut-short last.ckpt names the newest whole step*.ckpt to resume from."""
     from callbacks.fault_tolerance import check_resume_checkpoint, newest_intact_step_checkpoint
-    from cheaplunch.errors import UserError
+    from common.errors import UserError
 
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir()

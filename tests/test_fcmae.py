@@ -224,7 +224,7 @@ def test_datamodule_batches_masks_and_determinism(tiny_embedded):
 
 
 def test_datamodule_rejects_bad_geometry_and_too_few_images(tiny_embedded):
-    from cheaplunch.errors import UserError
+    from common.errors import UserError
     from datamodules.masked import MaskedDataModule
 
     with pytest.raises(UserError, match="multiple of the encoder's total stride 32"):

@@ -9,8 +9,8 @@ import torch
 from omegaconf import OmegaConf
 
 from cheaplunch.config import load_config
-from cheaplunch.errors import UserError
 from cheaplunch.registry import TASKS
+from common.errors import UserError
 from lightning_modules.base import PretrainModule
 from models.backbone_loading import load_backbone_weights, resolve_backbone
 from models.backbones import create_backbone

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_utils
-from torchmetrics.classification import MulticlassJaccardIndex
+from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex
 
-from cheaplunch.errors import DataWarning
+from common.errors import DataWarning
 from datamodules.finetune_common import labelled_subset
 from datamodules.readers import load_coco
 from models.evaluation import (
     coco_evaluate,
-    confusion_matrix,
     detections_to_coco,
     iou_from_confusion,
     topk_correct,
@@ -110,7 +109,7 @@ def test_miou_against_hand_computed_confusion_matrix():
     expected = torch.tensor([[2, 1, 0],    # truth 0 predicted as 0, 1, 0
                              [0, 2, 1],    # truth 1 predicted as 1, 1, 2
                              [1, 0, 2]])   # truth 2 predicted as 2, 0, 2
-    conf = confusion_matrix(pred, target, 3)
+    conf = MulticlassConfusionMatrix(3, ignore_index=255)(pred, target)  # as SegmentationModule counts
     assert torch.equal(conf, expected)
     miou, per_class, defined = iou_from_confusion(conf)
     # IoU_k = TP / (row + col - TP): class 0: 2/(3+3-2)=0.5; class 1: 2/(3+3-2)=0.5; class 2: 2/(3+3-2)=0.5
@@ -122,10 +121,31 @@ def test_miou_against_hand_computed_confusion_matrix():
     assert miou == pytest.approx(float(tm(pred, target)))
 
 
+def test_torchmetrics_confusion_matrix_equals_the_bincount_it_replaces():
+    """models.evaluation.confusion_matrix (a bincount over the non-ignored pixels, only the tests used it)
+    gave way to torchmetrics' MulticlassConfusionMatrix, which SegmentationModule accumulates: the
+    bincount, inline here, and torchmetrics give the same counts on random label maps with ignored pixels."""
+
+    def bincount_confusion(pred, target, num_classes, ignore_index=255):
+        keep = target != ignore_index
+        t, p = target[keep].long(), pred[keep].long()
+        return torch.bincount(t * num_classes + p, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+    g = torch.Generator().manual_seed(0)
+    for k in (2, 5, 21):
+        target = torch.randint(0, k, (3, 17, 23), generator=g)
+        target[torch.rand(target.shape, generator=g) < 0.2] = 255
+        pred = torch.randint(0, k, target.shape, generator=g)
+        metric = MulticlassConfusionMatrix(k, ignore_index=255)
+        metric.update(pred[:2], target[:2])  # accumulated over batches, as in validation
+        metric.update(pred[2:], target[2:])
+        torch.testing.assert_close(metric.compute(), bincount_confusion(pred, target, k))
+
+
 def test_miou_unequal_classes_and_absent_class():
     target = torch.tensor([0, 0, 0, 0, 1, 1, 255, 255])
     pred = torch.tensor([0, 0, 0, 1, 1, 0, 3, 2])  # class 2, 3 only predicted on ignored pixels
-    conf = confusion_matrix(pred, target, 4)
+    conf = MulticlassConfusionMatrix(4, ignore_index=255)(pred, target)
     miou, per_class, defined = iou_from_confusion(conf)
     # class 0: TP 3, truth 4, pred 4 -> 3/5 ; class 1: TP 1, truth 2, pred 2 -> 1/3 ; classes 2, 3 absent
     assert per_class == pytest.approx([3 / 5, 1 / 3, 0.0, 0.0])
@@ -133,8 +153,8 @@ def test_miou_unequal_classes_and_absent_class():
     assert miou == pytest.approx((3 / 5 + 1 / 3) / 2)
     tm = MulticlassJaccardIndex(4, ignore_index=255, average="macro")
     assert miou == pytest.approx(float(tm(pred, target)))
-    with pytest.raises(ValueError, match="outside"):
-        confusion_matrix(pred, torch.tensor([0, 0, 0, 0, 1, 1, 7, 255]), 4)
+    with pytest.raises((RuntimeError, ValueError)):  # a label outside 0..K-1 is never counted silently
+        MulticlassConfusionMatrix(4, ignore_index=255)(pred, torch.tensor([0, 0, 0, 0, 1, 1, 7, 255]))
 
 
 def test_topk_against_hand_computation():
@@ -161,7 +181,7 @@ def test_labelled_subsets_are_deterministic_and_nested():
     assert not np.array_equal(a, labelled_subset(1000, fraction=0.1, seed=1))
     assert np.array_equal(labelled_subset(7), np.arange(7))
     assert len(labelled_subset(12, fraction=0.01)) == 1  # at least one image
-    from cheaplunch.errors import UserError
+    from common.errors import UserError
 
     with pytest.raises(UserError, match="label-fraction"):
         labelled_subset(10, fraction=1.5)

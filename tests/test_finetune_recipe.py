@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from cheaplunch.config import load_config
-from cheaplunch.errors import UserError
 from cheaplunch.finetune import run_finetune
 from cheaplunch.registry import TASKS
+from common.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TASK_YAML = TASKS["classification"].config_path

@@ -149,8 +149,8 @@ def test_contrastive_decoder_seeds_the_segmentation_head(tiny_embedded, tmp_path
 def test_decoder_mismatch_and_opt_out(tiny_embedded, tmp_path):
     """A head of another width is a clear error listing the keys; opting out, or a task without a DeepLab
     head, leaves the decoder unused with a note."""
-    from cheaplunch.errors import UserError
     from cheaplunch.finetune import _pretrained_decoder
+    from common.errors import UserError
     from lightning_modules.classification import ClassificationModule
     from lightning_modules.segmentation import SegmentationModule
     from models.backbone_loading import resolve_backbone

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cheaplunch.errors import DataError, DataWarning
+from common.errors import DataError, DataWarning
 from datamodules import image_check
 
 

@@ -13,9 +13,9 @@ import torch
 
 from cheaplunch.checks import check_config
 from cheaplunch.config import load_config
-from cheaplunch.errors import UserError
 from cheaplunch.finetune import run_finetune
 from cheaplunch.registry import TASKS
+from common.errors import UserError
 
 DECAY = 0.5  # far from 1, so one layer of difference is a factor 2
 PEAK = 0.01

@@ -16,23 +16,25 @@ import pytest
 import torch
 from PIL import Image
 
-from cheaplunch.errors import UserError
+from common.errors import UserError
+from common.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    _normalize_affine,
+    denormalize,
+    normalize_images,
+    normalize_uint8,
+)
 from datamodules.montage import (
     CELL_KEYS,
     ERF_STREAM,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     MontageAssembler,
     MontageBatch,
     MontageDataModule,
     MontageDataset,
     MontageSampler,
     _fit_axis,
-    _normalize_affine,
     collate_montages,
-    denormalize,
-    normalize_images,
-    normalize_uint8,
     write_preview,
 )
 from datamodules.sample_bank import SampleBank

@@ -40,6 +40,42 @@ def test_soft_ce_matches_torch() -> None:
     )
 
 
+def test_soft_ce_equals_the_two_formulas_it_replaces() -> None:
+    """``soft_cross_entropy`` (F.cross_entropy with probability targets) gives the numbers of the two
+    hand-written soft cross-entropies it replaced, run here inline on random inputs: the Montage one
+    (-sum p log_softmax along ``dim``, then the reduction) and the distillation one (batch mean along
+    the last dim with the logits in float32; class indices go to F.cross_entropy)."""
+
+    def montage_formula(logits, probs, dim=1, reduction="mean"):
+        loss = -(probs * F.log_softmax(logits, dim=dim)).sum(dim=dim)
+        return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]
+
+    def distillation_formula(logits, target):
+        if target.ndim == 1:
+            return F.cross_entropy(logits, target)
+        return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+    g = torch.Generator().manual_seed(7)
+    for dtype in (torch.float32, torch.float64):
+        for shape, dim in (((5, K, 4, 3), 1), ((5, 4, 3, K), -1), ((5, 4, K, 3), 2), ((8, K), 1)):
+            logits = 3 * torch.randn(shape, generator=g, dtype=dtype)
+            probs = torch.softmax(torch.randn(shape, generator=g, dtype=dtype), dim=dim)
+            for red in ("none", "mean", "sum"):
+                torch.testing.assert_close(soft_cross_entropy(logits, probs, dim=dim, reduction=red),
+                                           montage_formula(logits, probs, dim, red))
+        logits = 3 * torch.randn(16, K, generator=g, dtype=dtype)
+        mixed = torch.softmax(torch.randn(16, K, generator=g, dtype=dtype), dim=-1)
+        hard = torch.randint(0, K, (16,), generator=g)
+        torch.testing.assert_close(soft_cross_entropy(logits, mixed), distillation_formula(logits, mixed).to(dtype))
+        torch.testing.assert_close(soft_cross_entropy(logits, hard), distillation_formula(logits, hard))
+    low = (3 * torch.randn(16, K, generator=g)).to(torch.bfloat16)  # taken in float32, as the distillation copy did
+    torch.testing.assert_close(soft_cross_entropy(low, mixed.float()), distillation_formula(low, mixed.float()))
+    with pytest.raises(ValueError, match="differ"):
+        soft_cross_entropy(logits, mixed[:, :-1])
+    with pytest.raises(ValueError, match="reduction"):
+        soft_cross_entropy(logits, mixed, reduction="batchmean")
+
+
 def test_global_loss_area_mix(setup) -> None:
     logits, labels, layout, _ = setup
     areas = layout.region_areas()

@@ -78,7 +78,7 @@ def test_each_objective_reduces_the_loss_on_a_fixed_batch(tiny_embedded, objecti
 def test_num_classes_that_disagrees_with_the_data_is_an_error(tiny_embedded):
     import types
 
-    from cheaplunch.errors import UserError
+    from common.errors import UserError
     from lightning_modules.montage import MontageModule
 
     cfg, dm = _datamodule(tiny_embedded)
@@ -94,7 +94,8 @@ def test_objective_batches_are_uint8_and_normalised_after_transfer(tiny_embedded
     """The DataLoader's batch is uint8; ``on_after_batch_transfer`` makes it (x / 255 - mean) / std float32
     in the configured memory format (the labels etc. untouched), the montage pictures logged from the
     normalised batch (``denormalize``) are the raw canvases, and ``compute_losses`` refuses uint8."""
-    from datamodules.montage import IMAGENET_MEAN, IMAGENET_STD, MontageBatch, denormalize
+    from common.images import IMAGENET_MEAN, IMAGENET_STD, denormalize
+    from datamodules.montage import MontageBatch
     from lightning_modules.montage import MontageModule
 
     cfg, dm = _datamodule(tiny_embedded)

@@ -10,8 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.losses.pixel_contrastive import batch_loss, cross_image_loss, within_image_loss
-from models.pixel_contrastive import downsample_labels, partner_shift, partner_views, sample_pixels
+from models.pixel_contrastive import (
+    batch_loss,
+    cross_image_loss,
+    downsample_labels,
+    partner_shift,
+    partner_views,
+    sample_pixels,
+    within_image_loss,
+)
 from models.projection import ProjectionHead
 
 IGN = 255

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import cheaplunch
-from cheaplunch.errors import DataError, DataWarning, UserError
+from common.errors import DataError, DataWarning, UserError
 from datamodules import readers as R
 from datamodules.layout import resolve_dataset
 from tools.embedded import CLASSES

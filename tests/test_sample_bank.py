@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torchvision.ops import box_iou
 
-from cheaplunch.errors import DataError, UserError
+from common.errors import DataError, UserError
 from datamodules.readers import load_coco
 from datamodules.sample_bank import (
     GROUPS,

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from cheaplunch.config import load_config
-from cheaplunch.errors import UserError
 from cheaplunch.registry import METHODS
+from common.errors import UserError
 from datamodules.classification_pretrain import FASHION_MNIST_DIR, SupervisedBatch, SupervisedDataModule
 from lightning_modules.supervised import SupervisedModule
 from models.distillation import distillation_loss, load_teacher

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cheaplunch.config import load_config
-from cheaplunch.errors import UserError
 from cheaplunch.registry import METHODS
+from common.errors import UserError
 from datamodules.classification_pretrain import (
     TrainTransform,
     color_jitter,
@@ -30,7 +30,8 @@ from datamodules.classification_pretrain import (
 from datamodules.lighting import IMAGENET_EIGVAL, IMAGENET_EIGVEC, Lighting, adjust_lighting
 from lightning_modules.base import global_batch_size, peak_lr
 from lightning_modules.supervised import SupervisedModule
-from models.distillation import distillation_loss, soft_cross_entropy
+from models.distillation import distillation_loss
+from models.montage_losses import soft_cross_entropy
 from models.tricks import last_block_norms, set_zero_gamma, stride_on_first_1x1, xavier_init
 
 TINY = ["model.arch=resnet26", "model.backbone_kwargs={layers: [1, 1, 1, 1]}", "model.num_classes=5",

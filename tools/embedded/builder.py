@@ -61,7 +61,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from cheaplunch import DEFAULT_DATA_DIR
-from cheaplunch.errors import DataError, UserError
+from common.errors import DataError, UserError
 from datamodules.transforms import color_jitter, random_crop_resize, resize
 
 STAMP_ROOT = Path("/usr/share/tuxpaint/stamps")
@@ -554,21 +554,6 @@ def _build(root: Path, cfg: EmbeddedConfig, settings: dict, progress: bool) -> N
 
 
 # ------------------------------------------------------------------------------------ preview
-_PALETTE = np.array([
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
-], np.uint8)
-
-
-def colorize_semantic(semantic: np.ndarray) -> np.ndarray:
-    """0 black, class k the palette colour of category k, 255 white."""
-    out = np.zeros((*semantic.shape, 3), np.uint8)
-    for k in range(1, len(CLASSES) + 1):
-        out[semantic == k] = _PALETTE[(k - 1) % len(_PALETTE)]
-    out[semantic == IGNORE_INDEX] = 255
-    return out
-
-
 def write_preview(root: str | Path, out_png: str | Path, split: str = "train", count: int = 8,
                   columns: int = 2) -> Path:
     """Grid of ``count`` images of ``split``, read back from the written files. Each row shows the photo
@@ -576,6 +561,7 @@ def write_preview(root: str | Path, out_png: str | Path, split: str = "train", c
     its semantic label PNG (colour per class, white = 255 ignore)."""
     from pycocotools.coco import COCO
 
+    from common.images import PREVIEW_PALETTE, colorize_labels  # lazy: the generator itself needs neither
     from datamodules.readers import read_image
 
     root = Path(root)
@@ -591,7 +577,7 @@ def write_preview(root: str | Path, out_png: str | Path, split: str = "train", c
         boxes = img.copy()
         masks = np.repeat(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None] // 2, 3, axis=2)
         for k, ann in enumerate(anns):
-            colour = _PALETTE[k % len(_PALETTE)]
+            colour = PREVIEW_PALETTE[k % len(PREVIEW_PALETTE)]
             masks[coco.annToMask(ann).astype(bool)] = colour
             x, y, w, h = (int(round(v)) for v in ann["bbox"])
             c = tuple(int(v) for v in colour)
@@ -603,7 +589,7 @@ def write_preview(root: str | Path, out_png: str | Path, split: str = "train", c
             cv2.rectangle(boxes, (x, ty - th - 2), (x + tw + 2, ty), c, -1)
             cv2.putText(boxes, label, (x + 1, ty - 2), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
         gap = np.full((img.shape[0], 3, 3), 255, np.uint8)
-        row = np.hstack([boxes, gap, masks, gap, colorize_semantic(sem)])
+        row = np.hstack([boxes, gap, masks, gap, colorize_labels(sem, len(CLASSES), IGNORE_INDEX)])
         tiles.append(np.pad(row, ((4, 4), (6, 6), (0, 0))))
     if not tiles:
         raise DataError(f"{root}: no images in split {split!r} to preview")

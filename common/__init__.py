@@ -1,0 +1,1 @@
+"""Pieces every floor uses; imports nothing else of the project."""
