@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.erf import METHODS, compute_erf, compute_erf_bruteforce, resolve_method, soft_label_weights  # noqa: E402
 from models.heads import DenseClassifier  # noqa: E402
-from models.layout import MontageLayout  # noqa: E402
+from models.montage_canvas import MontageLayout  # noqa: E402
 from models.montage_losses import erf_dense_loss  # noqa: E402
 
 NUM_CLASSES = 11  # 10 object classes + background, as the embedded dataset

@@ -109,9 +109,10 @@ def _measure(args: argparse.Namespace, photos: list[Path], coco: object, source:
     from torchvision import transforms as T
 
     from common.images import IMAGENET_MEAN, IMAGENET_STD, normalize_images
-    from datamodules.montage import MontageAssembler, MontageDataset, collate_montages
+    from datamodules.montage import MontageDataset, collate_montages
+    from datamodules.montage_assembler import MontageAssembler
     from datamodules.sample_bank import SampleBank
-    from models.layout import MontageLayout
+    from models.montage_canvas import MontageLayout
 
     t0 = time.perf_counter()
     bank = SampleBank.build(coco, bank_dir / "bank", seed=0, max_side=2 * args.canvas, progress=False)

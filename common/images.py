@@ -210,7 +210,7 @@ def overlay_labels(image: np.ndarray, label: np.ndarray, num_classes: int, ignor
 
 
 class CellLayout(Protocol):
-    """What the montage drawings need of a layout (``models.layout.MontageLayout``)."""
+    """What the montage drawings need of a layout (``models.montage_canvas.MontageLayout``)."""
 
     def cell_boxes(self) -> Mapping[str, tuple[int, int, int, int]]: ...
 
@@ -227,7 +227,7 @@ def draw_cell_borders(image: np.ndarray, layout: CellLayout,
     return out
 
 
-POSITION_COLOURS = {  # RGB, per montage cell position (models.layout.POSITIONS)
+POSITION_COLOURS = {  # RGB, per montage cell position (models.montage_canvas.POSITIONS)
     "top_left": (255, 64, 64),
     "top_right": (64, 200, 255),
     "bottom_left": (255, 220, 0),

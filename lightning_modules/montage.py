@@ -27,7 +27,7 @@ from common.images import denormalize, draw_cell_borders, normalize_images
 from datamodules.montage import MontageBatch
 from lightning_modules.base import PretrainModule
 from models.heads import DenseClassifier
-from models.layout import MontageLayout
+from models.montage_canvas import MontageLayout
 from models.montage_losses import blockwise_loss, erf_dense_loss, global_loss
 
 OBJECTIVES = ("global", "blockwise", "erf_dense")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.layout import POSITIONS
+from models.montage_canvas import POSITIONS
 
 __all__ = ["soft_cross_entropy", "global_loss", "blockwise_loss", "erf_dense_loss"]
 

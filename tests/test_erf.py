@@ -20,7 +20,7 @@ from models.erf import (
     position_regions_from_masks,
     soft_label_weights,
 )
-from models.layout import MontageLayout
+from models.montage_canvas import MontageLayout
 from tests.erf_reference import literal_soft_label_weights, reference_erf, with_batch_statistics
 
 # every way models/erf.py computes an ERF: compute_erf's methods and the brute-force loop

@@ -1,5 +1,5 @@
-"""Montage assembly (datamodules/montage.py): layout rules, the no-warp property checked against an
-independent computation from the source image, zero padding, short-group fallback, dataset
+"""Montage assembly (datamodules/montage_assembler.py, datamodules/montage.py): layout rules, the no-warp
+property checked against an independent computation from the source image, zero padding, short-group fallback, dataset
 determinism and sharding, the typed uint8 batch and the (on-device) normalisation, the DataModule and
 previews."""
 
@@ -26,19 +26,16 @@ from common.images import (
     normalize_uint8,
 )
 from datamodules.montage import (
-    CELL_KEYS,
-    ERF_STREAM,
-    MontageAssembler,
     MontageBatch,
     MontageDataModule,
     MontageDataset,
     MontageSampler,
-    _fit_axis,
     collate_montages,
     write_preview,
 )
+from datamodules.montage_assembler import CELL_KEYS, ERF_STREAM, MontageAssembler, _fit_axis
 from datamodules.sample_bank import SampleBank
-from models.layout import POSITION_GROUPS, POSITIONS, MontageLayout
+from models.montage_canvas import POSITION_GROUPS, POSITIONS, MontageLayout
 from tests.test_sample_bank import build, load, write_coco
 
 LAYOUT = MontageLayout((224, 224), (0.4, 0.4))
@@ -265,7 +262,7 @@ def test_short_group_falls_back_and_logs_once(tmp_path, caplog):
     ann, imgs = write_coco(tmp_path, n_images=6, boxes_per_image=5, aspects=(1.0, 1.2))  # S only
     bank = build(load(ann, imgs), tmp_path / "bank", max_side=10_000)
     assert set(bank.groups) <= {"S", "W"} and "T" not in set(bank.groups)
-    with caplog.at_level(logging.WARNING, logger="datamodules.montage"):
+    with caplog.at_level(logging.WARNING, logger="datamodules.montage_assembler"):
         asm = MontageAssembler(bank, LAYOUT)
         MontageAssembler(bank, LAYOUT)  # a second assembler on the same bank says nothing new
         rng = np.random.default_rng(8)

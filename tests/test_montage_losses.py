@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from models.heads import DenseClassifier
-from models.layout import POSITIONS, MontageLayout
+from models.montage_canvas import POSITIONS, MontageLayout
 from models.montage_losses import blockwise_loss, erf_dense_loss, global_loss, soft_cross_entropy
 
 K = 6  # 5 object classes + background

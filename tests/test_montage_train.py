@@ -159,7 +159,7 @@ def test_installed_erf_weights_match_an_independent_recomputation(tiny_embedded,
     with the in-test reference ERF (tests/erf_reference.py; BatchNorm statistics of the montages for
     bn_mode "train") and the paper's formula written in the test."""
     from datamodules.montage import MontageDataModule
-    from models.layout import MontageLayout
+    from models.montage_canvas import MontageLayout
     from tests.erf_reference import literal_soft_label_weights, reference_erf, with_batch_statistics
 
     run = tmp_path / "run"
