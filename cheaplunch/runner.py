@@ -33,6 +33,7 @@ from callbacks.run_artifacts import ExportBackbone, RankAudit
 from cheaplunch import REPO_ROOT, slurm
 from cheaplunch.config import save_config, to_dict
 from common.errors import UserError
+from common.files import writable_folder
 from lightning_modules.base import NonFiniteLossError, batch_size_of
 
 log = logging.getLogger("cheaplunch")
@@ -160,14 +161,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback],
 def make_run_dir(run_dir: Path) -> Path:
     """Create the run folder and check that it takes files, before any data is read: a read-only or
     impossible ``--out`` is one line, not a traceback at the first checkpoint."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"{run_dir}: cannot write the run folder ({exc.strerror or exc}); choose another --out") from exc
-    return run_dir
+    return writable_folder(run_dir, "the run folder", "choose another --out")
 
 
 def find_resume_checkpoint(run_dir: Path, resume: str) -> str | None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import UserError
+from common.files import writable_folder
 
 
 @dataclass
@@ -127,13 +128,5 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
 
     if cache_dir is None:
         cache_dir = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cheaplunch"
-    root = Path(cache_dir).expanduser()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"{root}: cannot write the cache folder ({exc.strerror or exc}); pass --cache-dir DIR "
-                        f"(or set {CACHE_ENV}) to a writable folder") from exc
-    return root
+    return writable_folder(Path(cache_dir).expanduser(), "the cache folder",
+                           f"pass --cache-dir DIR (or set {CACHE_ENV}) to a writable folder")
