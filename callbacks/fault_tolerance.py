@@ -23,7 +23,6 @@ command (or a SLURM requeue) continues exactly where the run stopped.
 from __future__ import annotations
 
 import errno
-import os
 import re
 import signal
 import subprocess
@@ -40,9 +39,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cheaplunch import slurm
 from common.errors import UserError
+from common.files import TEMPORARY_INFIX, atomic_write
 
 _STEP_CKPT = re.compile(r"step(\d+)(?:-v\d+)?\.ckpt")  # ModelCheckpoint's names (runner: filename="step{step:07d}")
-_TEMPORARY = ".tmp-"  # infix of SafeCheckpointIO's temporary files: ".last.ckpt.tmp-<pid>"
 
 
 def first_non_finite(tree: Any, prefix: str = "") -> str | None:
@@ -87,16 +86,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
                                "stays the newest); lower optim.lr or check the data")
             self.refused_step = step
             return
-        temporary = path.with_name(f".{path.name}{_TEMPORARY}{os.getpid()}")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(temporary, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, path)
+            atomic_write(path, lambda f: torch.save(checkpoint, f))
         except OSError as exc:
-            temporary.unlink(missing_ok=True)
             why = "no space left on the device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
             kept = "; the previous checkpoint there is intact" if path.is_file() else ""
             raise UserError(f"{path}: cannot write the checkpoint ({why}){kept}; free space or choose "
@@ -106,7 +98,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
 def remove_stray_temporaries(directory: Path | str) -> list[Path]:
     """Delete the temporary files a killed ``SafeCheckpointIO`` write left in `directory`; returns them."""
     directory = Path(directory)
-    stray = [p for p in directory.glob(f".*.ckpt{_TEMPORARY}*") if p.is_file()] if directory.is_dir() else []
+    stray = [p for p in directory.glob(f".*.ckpt{TEMPORARY_INFIX}*") if p.is_file()] if directory.is_dir() else []
     for p in stray:
         p.unlink(missing_ok=True)
     return stray

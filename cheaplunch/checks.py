@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from common.errors import UserError
-from datamodules.image_check import BAD_IMAGE_POLICIES
+from datamodules.image_check import check_policy as check_bad_images_policy
 from lightning_modules.base import optimizer_kwargs
 
 MATMUL_PRECISIONS = ("highest", "high", "medium")  # torch.set_float32_matmul_precision's (it only warns otherwise)
@@ -63,8 +63,8 @@ def check_config(cfg: DictConfig, *, task: str | None = None, training: bool = T
     evaluation) skips the checks of options that only training reads."""
     check_schema(cfg)
     policy = OmegaConf.select(cfg, "data.bad_images", default=None)
-    if policy is not None and policy not in BAD_IMAGE_POLICIES:
-        raise UserError(f"data.bad_images={policy!r}: must be one of {', '.join(BAD_IMAGE_POLICIES)}")
+    if policy is not None:
+        check_bad_images_policy(policy)
     precision = str(cfg.runtime.matmul_precision)
     if precision not in MATMUL_PRECISIONS:
         raise UserError(f"runtime.matmul_precision={precision}: must be one of {', '.join(MATMUL_PRECISIONS)}")

@@ -17,7 +17,8 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common.errors import DataError, DataWarning
+from common.errors import DataError, DataWarning, UserError
+from common.files import atomic_write
 
 BAD_IMAGE_POLICIES = ("error", "skip")
 CACHE_VERSION = 1
@@ -59,10 +60,8 @@ def _load(file: Path, folder: Path) -> dict[str, list]:
 
 
 def _save(file: Path, folder: Path, files: dict[str, list]) -> None:
-    file.parent.mkdir(parents=True, exist_ok=True)
-    temporary = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps({"version": CACHE_VERSION, "folder": str(folder.resolve()), "files": files}))
-    os.replace(temporary, file)
+    text = json.dumps({"version": CACHE_VERSION, "folder": str(folder.resolve()), "files": files})
+    atomic_write(file, lambda f: f.write(text.encode()))
 
 
 def unreadable_images(paths: Iterable[Path | str], *, cache_dir: str | Path | None = None,
@@ -101,13 +100,19 @@ def unreadable_images(paths: Iterable[Path | str], *, cache_dir: str | Path | No
     return bad
 
 
+def check_policy(policy: object) -> None:
+    """``data.bad_images`` must be one of BAD_IMAGE_POLICIES (a one-line UserError otherwise); also run by
+    the start-up checks (``cheaplunch.checks``), before any data is read."""
+    if policy not in BAD_IMAGE_POLICIES:
+        raise UserError(f"data.bad_images={policy!r}: must be one of {', '.join(BAD_IMAGE_POLICIES)}")
+
+
 def check_images(paths: Sequence[Path | str], *, policy: str, what: str, cache_dir: str | Path | None = None,
                  progress: bool = True) -> set[Path]:
     """Apply ``data.bad_images`` to `paths` (the images of `what`, e.g. "the train split of X"): raise a
     DataError naming the first unreadable file and the count, or with ``skip`` warn once and return the
     set of unreadable files for the caller to leave out."""
-    if policy not in BAD_IMAGE_POLICIES:
-        raise DataError(f"data.bad_images={policy!r}: must be one of {', '.join(BAD_IMAGE_POLICIES)}")
+    check_policy(policy)
     bad = unreadable_images(paths, cache_dir=cache_dir, progress=progress)
     if not bad:
         return set()

@@ -319,9 +319,14 @@ class MontageDataModule(L.LightningDataModule):
 
     def _bank_settings_key(self, ann_file: str | os.PathLike) -> dict[str, Any]:
         return {**ann_file_fingerprint(ann_file), "seed": self.seed, "neg_ratio": self.neg_ratio,
-                "negatives_avoid": self.negatives_avoid, "max_side": self.max_side, "version": BANK_VERSION,
-                **({"label_fraction": self.label_fraction, "label_count": self.label_count,
-                    "subset_seed": self.subset_seed} if self.label_fraction or self.label_count else {})}
+                "negatives_avoid": self.negatives_avoid, "max_side": self.max_side, "version": BANK_VERSION}
+
+    def _subset_key(self) -> dict[str, Any]:
+        """The labelled subset the bank is cut from ({} = every train image). It names the bank's folder;
+        the bank's own stored dataset_hash already covers which images it holds."""
+        if self.label_fraction is None and self.label_count is None:
+            return {}
+        return {"label_fraction": self.label_fraction, "label_count": self.label_count, "subset_seed": self.subset_seed}
 
     def bank_path(self, paths: Any | None = None) -> Path:
         """Where the bank lives: ``bank_dir`` or ``<cache>/sample_bank/<hash of annotation file + settings>``."""
@@ -330,7 +335,7 @@ class MontageDataModule(L.LightningDataModule):
         from datamodules.layout import cache_root
 
         paths = paths if paths is not None else self._paths()
-        key = json.dumps(self._bank_settings_key(paths.train_ann), sort_keys=True)
+        key = json.dumps({**self._bank_settings_key(paths.train_ann), **self._subset_key()}, sort_keys=True)
         return cache_root(self.cache_dir) / "sample_bank" / hashlib.sha1(key.encode()).hexdigest()[:12]
 
     def _bank_is_current(self, directory: Path, ann_file: str | os.PathLike) -> bool:
@@ -338,9 +343,7 @@ class MontageDataModule(L.LightningDataModule):
         if settings is None:
             return False
         want = self._bank_settings_key(ann_file)
-        # the labelled-subset keys only name the folder; the stored dataset_hash already covers the subset
-        return all(settings.get(k) == v for k, v in want.items() if k not in ("label_fraction", "label_count",
-                                                                               "subset_seed"))
+        return all(settings.get(k) == v for k, v in want.items())
 
     def prepare_data(self) -> None:
         """Resolve the dataset and build the bank if it is missing or stale (rank 0 only)."""
@@ -351,7 +354,7 @@ class MontageDataModule(L.LightningDataModule):
         from datamodules.readers import load_coco
 
         coco = load_coco(paths.train_ann, paths.train_images)
-        if self.label_fraction is not None or self.label_count is not None:
+        if self._subset_key():
             from datamodules.finetune_common import labelled_subset
 
             chosen = labelled_subset(len(coco.images), self.label_fraction, self.label_count, self.subset_seed)
