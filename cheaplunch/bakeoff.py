@@ -139,6 +139,16 @@ class Run:
     def compute(self) -> dict[str, Any]:
         return read_json(self.out / "compute.json") or {}
 
+    @property
+    def log(self) -> Path:
+        """The run's output (stdout and stderr, or the SLURM job's)."""
+        return self.out / "bakeoff.log"
+
+    def log_tail(self, lines: int = 4) -> str:
+        """The last lines of the log, joined with " | " (for a one-line error)."""
+        text = self.log.read_text(errors="replace") if self.log.is_file() else ""
+        return " | ".join(text.strip().splitlines()[-lines:])
+
 
 def read_json(path: Path) -> Any:
     try:
@@ -388,12 +398,10 @@ def execute(runs: list[Run], estimate: Callable[[Run], float] | None = None, gro
             else:
                 bar.set_postfix_str(run.key)
             run.out.mkdir(parents=True, exist_ok=True)
-            with open(run.out / "bakeoff.log", "a") as log:
+            with open(run.log, "a") as log:
                 code = subprocess.call(run.command(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
             if code != 0 or not run.done():
-                tail = (run.out / "bakeoff.log").read_text(errors="replace").strip().splitlines()[-4:]
-                raise UserError(f"{run.key} failed (exit {code}); its log is {run.out / 'bakeoff.log'}: "
-                                + " | ".join(tail))
+                raise UserError(f"{run.key} failed (exit {code}); its log is {run.log}: {run.log_tail()}")
             if left is not None and estimate is not None:
                 left = max(left - estimate(run), 0.0)
             bar.update(1)
@@ -451,7 +459,7 @@ def execute_slurm(runs: list[Run], sbatch_args: list[str] = (), group: str | Non
     for run in todo:
         run.out.mkdir(parents=True, exist_ok=True)
         script = run.out / "job.sbatch"
-        script.write_text(SBATCH_TEMPLATE.format(name=re.sub(r"[^\w.-]", "_", run.key), log=run.out / "bakeoff.log",
+        script.write_text(SBATCH_TEMPLATE.format(name=re.sub(r"[^\w.-]", "_", run.key), log=run.log,
                                                  repo=REPO_ROOT, command=shlex.join(run.command())))
         after = [jobs[run.needs]] if run.needs in jobs else []
         jobs[run.key] = _sbatch([*sbatch_args, *([f"--dependency=afterok:{':'.join(after)}"] if after else []),
@@ -468,10 +476,8 @@ def execute_slurm(runs: list[Run], sbatch_args: list[str] = (), group: str | Non
                     continue
                 run = by_key[key]
                 if not run.done():
-                    tail = (run.out / "bakeoff.log").read_text(errors="replace").strip().splitlines()[-4:] \
-                        if (run.out / "bakeoff.log").is_file() else []
                     raise UserError(f"{key}: SLURM job {job} ended without its outputs; its log is "
-                                    f"{run.out / 'bakeoff.log'}: " + " | ".join(tail))
+                                    f"{run.log}: {run.log_tail()}")
                 del waiting[key]
                 bar.update(1)
             bar.set_postfix_str(f"{len(waiting)} jobs queued or running")
