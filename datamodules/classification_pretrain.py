@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from common.errors import DataError, UserError
 from common.images import normalize_255
 from datamodules.classification import ImageCache, coco_crops, folder_images, is_image_folder
-from datamodules.finetune_common import labelled_subset, loader_kwargs, val_loader
+from datamodules.finetune_common import labelled_subset, loader_kwargs, subset_from_config, val_loader
 from datamodules.lighting import IMAGENET_EIGVAL, IMAGENET_EIGVEC, lighting_offset
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -307,7 +307,8 @@ class SupervisedDataModule(L.LightningDataModule):
 
             paths = resolve_dataset(d.root, embedded_size=int(d.embedded_size), seed=int(d.embedded_seed))
             ann, images = (paths.train_ann, paths.train_images) if name == "train" else (paths.val_ann, paths.val_images)
-            subset = self.labelled_images if name == "train" and self.subsets_images else None
+            # the labelled images: the same nested subset finetune.py --label-fraction trains on
+            subset = (lambda n: subset_from_config(n, self.cfg)) if name == "train" and self.subsets_images else None
             cache = coco_crops(ann, images, int(d.decode_size), float(d.crop_context), float(d.min_box_size), subset)
         self._cache[name] = cache
         return cache
@@ -317,12 +318,6 @@ class SupervisedDataModule(L.LightningDataModule):
         """A COCO source with ``data.label_fraction`` / ``label_count``: the subset is of images, not crops."""
         d = self.cfg.data
         return self.source == "crops" and (d.get("label_fraction") is not None or d.get("label_count") is not None)
-
-    def labelled_images(self, n: int) -> np.ndarray:
-        """The labelled subset of a COCO source's n train images: the same nested subset that ``finetune.py
-        --label-fraction`` trains on, so a bake-off's supervised arm pre-trains on exactly the labelled images."""
-        d = self.cfg.data
-        return labelled_subset(n, d.get("label_fraction"), d.get("label_count"), int(d.get("subset_seed", 0)))
 
     @property
     def class_names(self) -> list[str]:
@@ -346,8 +341,7 @@ class SupervisedDataModule(L.LightningDataModule):
             if self.subsets_images:  # the crops of the labelled images only (split("train") cut them)
                 self.train_rows = torch.arange(len(train.labels))
             else:
-                self.train_rows = torch.from_numpy(labelled_subset(
-                    len(train.labels), d.get("label_fraction"), d.get("label_count"), int(d.get("subset_seed", 0)))).long()
+                self.train_rows = torch.from_numpy(subset_from_config(len(train.labels), self.cfg)).long()
         if self.val_images is None:
             val = self.split("val")
             if val.class_names != self.class_names:
