@@ -44,9 +44,10 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict:
     from tools.embedded import build_embedded
 
     data_dir = Path(tempfile.gettempdir()) / "cheaplunch_protocol_data" / (
-        f"n{args.train_images}_v{args.val_images}_s{args.image_size}_o{args.max_objects}_seed{args.data_seed}")
+        f"n{args.train_images}_v{args.val_images}_s{args.image_size}_o{args.max_objects}"
+        f"_x{args.scale[0]:g}-{args.scale[1]:g}_seed{args.data_seed}")
     build_embedded(data_dir, size=args.train_images, val_size=args.val_images, seed=args.data_seed,
-                   image_size=args.image_size, max_objects=args.max_objects, progress=False)
+                   image_size=args.image_size, max_objects=args.max_objects, scale=tuple(args.scale), progress=False)
     out = Path(tempfile.mkdtemp(prefix="protocol-run-"))
     overrides = [*_overrides(args), f"seed={args.seed}", *extra]
     start = time.time()
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace, extra: list[str]) -> dict:
                          {"mIoU": round(100 * m["mIoU"], 2)})})
     return {"name": args.name, "task": args.task, "detector": args.detector if args.task == "detection" else None,
             "data": {"train_images": args.train_images, "val_images": args.val_images, "image_size": args.image_size,
-                     "max_objects": args.max_objects, "seed": args.data_seed},
+                     "max_objects": args.max_objects, "scale": list(args.scale), "seed": args.data_seed},
             "overrides": overrides, "curve": curve, "process_minutes": round((time.time() - start) / 60, 2),
             "final": res.results, "machine": f"{platform.node()} {os.cpu_count()} CPUs",
             "date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv)}
@@ -77,13 +78,14 @@ def write_report(records: list[dict]) -> None:
              "Written by `benchmarks/finetune_protocol.py` (one call per setting, command in each row's record in",
              "`finetune_protocol.json`). Minutes: wall time of fitting, validation included, on the 2-core CPU machine.",
              "AP / AP50 / mIoU in percent on the held-out val split of the embedded set built with the given settings.",
-             "", "| setting | task | data (train/val, px, objects) | step | minutes | AP | AP50 | mIoU |",
+             "", "| setting | task | data (train/val, px, objects, object scale) | step | minutes | AP | AP50 | mIoU |",
              "|---|---|---|---|---|---|---|---|"]
     for r in records:
         d = r["data"]
         for c in r["curve"]:
             lines.append(f"| {r['name']} | {r['task']}{'/' + r['detector'] if r['detector'] else ''} | "
-                         f"{d['train_images']}/{d['val_images']}, {d['image_size']}, 1-{d['max_objects']} | {c['step']} | "
+                         f"{d['train_images']}/{d['val_images']}, {d['image_size']}, 1-{d['max_objects']}, "
+                         f"{'-'.join(f'{x:g}' for x in d.get('scale', (0.18, 0.6)))} | {c['step']} | "
                          f"{c['minutes']} | {c.get('AP', '')} | {c.get('AP50', '')} | {c.get('mIoU', '')} |")
     lines += ["", "Overrides of each setting:", ""]
     lines += [f"- `{r['name']}`: `{' '.join(r['overrides'])}`" for r in records]
@@ -119,6 +121,8 @@ def main() -> None:
     p.add_argument("--val-images", type=int, default=100)
     p.add_argument("--max-objects", type=int, default=2)
     p.add_argument("--data-seed", type=int, default=3)
+    p.add_argument("--scale", type=float, nargs=2, default=(0.18, 0.6), metavar=("LOW", "HIGH"),
+                   help="object long side / image side of the embedded set (default 0.18 0.6)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--val-every", type=int, default=150)

@@ -470,6 +470,7 @@ def build_embedded(
     *,
     val_size: int | None = None,
     max_objects: int = 6,
+    scale: tuple[float, float] = EmbeddedConfig.scale,
     progress: bool = True,
 ) -> Path:
     """Build the embedded dataset into ``out_dir`` (project layout) and return ``out_dir``.
@@ -480,8 +481,12 @@ def build_embedded(
     if size < 1 or image_size < 32 or max_objects < 1:
         raise UserError(f"embedded dataset: need size >= 1, image_size >= 32, max_objects >= 1 "
                         f"(got {size}, {image_size}, {max_objects})")
+    if not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise UserError(f"embedded dataset: scale (object long side / image side) must satisfy "
+                        f"0 < low <= high <= 1, got {tuple(scale)}")
     root = Path(out_dir)
-    cfg = EmbeddedConfig(size=size, val_size=val_size, seed=seed, image_size=image_size, max_objects=max_objects)
+    cfg = EmbeddedConfig(size=size, val_size=val_size, seed=seed, image_size=image_size, max_objects=max_objects,
+                         scale=(float(scale[0]), float(scale[1])))
     check_system_data()
     with _locked(root):
         settings = build_settings(cfg, [name for name, _ in background_sources()])
@@ -613,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="default 0")
     parser.add_argument("--image-size", type=int, default=None, help="side of the square images in px (default 256)")
     parser.add_argument("--max-objects", type=int, default=None, help="objects per image: 1..this (default 6)")
+    parser.add_argument("--scale", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                        help="object long side / image side, drawn log-uniformly (default 0.18 0.6)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a build with these settings exists")
     parser.add_argument("--preview", type=Path, metavar="FILE.png",
                         help="write a grid of images with boxes, class names and masks; with no build option "
@@ -621,14 +628,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preview-count", type=int, default=8)
     args = parser.parse_args(argv)
     options = {"size": args.size, "val_size": args.val_size, "seed": args.seed, "image_size": args.image_size,
-               "max_objects": args.max_objects}
+               "max_objects": args.max_objects, "scale": tuple(args.scale) if args.scale else None}
     try:
         start = time.perf_counter()
         info = read_build_info(args.out)
         reuse = (args.preview and not args.force and all(v is None for v in options.values())
                  and info is not None and info.get("complete"))
         if not reuse:
-            defaults = {"size": 300, "seed": 0, "image_size": 256, "max_objects": 6}
+            defaults = {"size": 300, "seed": 0, "image_size": 256, "max_objects": 6, "scale": EmbeddedConfig.scale}
             kwargs = {k: (defaults.get(k) if v is None else v) for k, v in options.items()}
             build_embedded(args.out, force=args.force, **kwargs)
             info = read_build_info(args.out) or {}
