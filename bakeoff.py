@@ -3,7 +3,7 @@
 
     python bakeoff.py [--data DIR] [--methods montage fcmae contrastive supervised scratch] \\
         [--task detection|segmentation|both] [--seeds 3] [--budget 3e15|500steps] \\
-        [--label-fractions 0.1 1.0] [--init NAME=PATH ...] [--out DIR] [--dry-run]
+        [--label-fractions 0.1 1.0] [--init NAME=PATH ...] [--no-controls] [--out DIR] [--dry-run]
 
 See cheaplunch/bakeoff.py for the design (probes, equal total compute, paired verdicts).
 """
@@ -27,11 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "compute).",
         epilog="Outputs in --out: bakeoff.md, bakeoff.json, bakeoff.png, a W&B run, and one folder per run.\n"
                "Re-running the same command reuses finished runs and resumes interrupted ones.")
-    parser.add_argument("--data", metavar="DIR", help="dataset (default: the embedded real-photo set)")
+    parser.add_argument("--data", metavar="DIR",
+                        help="dataset (default: the embedded real-photo set of configs/bakeoff/data.yaml, built "
+                             "once into data/)")
     parser.add_argument("--methods", nargs="+", default=["montage", "fcmae", "contrastive", "supervised", "scratch"],
                         metavar="NAME", help="arms: montage fcmae contrastive supervised scratch (default: all)")
     parser.add_argument("--task", default="both", choices=("detection", "segmentation", "both"))
-    parser.add_argument("--detector", default="faster_rcnn", help="retinanet | faster_rcnn | mask_rcnn")
+    parser.add_argument("--detector", default=None,
+                        help="retinanet | faster_rcnn | mask_rcnn (default: the protocol's, configs/bakeoff/detection.yaml)")
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per arm (default 3)")
     parser.add_argument("--budget", default="200steps",
                         help="pre-training compute per method: FLOPs (e.g. 3e15) or steps (e.g. 500steps)")
@@ -49,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sbatch-args", default="", metavar="'ARGS'",
                         help="extra sbatch options for every job with --launcher slurm, e.g. "
                              "'--partition gpu --gpus-per-node 1 --time 4:00:00'")
+    parser.add_argument("--controls", action=argparse.BooleanOptionalAction, default=True,
+                        help="the protocol's controls (default on): a positive control (--control-method pre-trained "
+                             "for --control-factor x the budget on every label, must beat scratch by > 3 seed SDs) "
+                             "and a negative one (scratch with other seeds, must tie with scratch)")
+    parser.add_argument("--control-method", default="supervised",
+                        help="pre-training of the positive control, on the default architecture (default supervised)")
+    parser.add_argument("--control-factor", type=float, default=10.0,
+                        help="the positive control's pre-training compute in budgets (default 10)")
     parser.add_argument("--dry-run", action="store_true",
                         help="run the 4-step probes, print the plan with each arm's measured cost and the "
                              "estimated total, and stop")
@@ -65,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             TASKS,
             BakeOff,
             Settings,
+            default_data,
             execute,
             execute_slurm,
             parse_budget,
@@ -73,11 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         from cheaplunch.bakeoff_report import log_wandb, write_json, write_markdown, write_plot
 
         out = Path(args.out).resolve()
-        s = Settings(data=args.data, methods=list(args.methods),
+        data = args.data or str(default_data())
+        s = Settings(data=data, methods=list(args.methods),
                      tasks=list(TASKS) if args.task == "both" else [args.task], seeds=args.seeds,
                      budget=parse_budget(args.budget), label_fractions=sorted(set(args.label_fractions)),
                      inits=parse_inits(args.init), out=out, logger=args.logger, detector=args.detector,
-                     overrides=list(args.overrides))
+                     overrides=list(args.overrides), controls=args.controls, control_method=args.control_method,
+                     control_factor=args.control_factor)
         bake = BakeOff(s)
 
         def run_all(runs, estimate=None) -> None:

@@ -32,12 +32,17 @@ from pathlib import Path
 from typing import Any
 
 from cheaplunch import CONFIG_DIR, REPO_ROOT
-from cheaplunch.stats import Interval, paired_difference, t_interval, verdict
+from cheaplunch.stats import TIE, Interval, paired_difference, t_interval, verdict
 from common.errors import UserError
 
 METHODS = ("montage", "fcmae", "contrastive", "supervised")
 TASKS = ("detection", "segmentation")
 HEADLINE = {"detection": ("bbox", "AP"), "segmentation": ("mIoU",)}
+# The controls (issue #12 §1): a backbone pre-trained with --control-factor times the budget must beat scratch by
+# more than POSITIVE_MARGIN seed standard deviations; scratch with other seeds must tie with scratch.
+POSITIVE_CONTROL, NEGATIVE_CONTROL = "control_long", "control_scratch"
+POSITIVE_MARGIN = 3.0
+NEGATIVE_SEED_OFFSET = 100  # the negative control fine-tunes scratch with seeds 100, 101, ...
 LABEL_USING = ("montage", "supervised", "contrastive")  # pre-train on the labelled subset only
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # a dotted key=value config override
 PROBE_STEPS = 4  # FLOPs per step measured on steps 1..3 (ComputeMeter skips step 0)
@@ -78,8 +83,9 @@ def parse_inits(items: Iterable[str]) -> dict[str, str]:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise UserError(f"--init must be NAME=PATH (e.g. imagenet=ckpts/resnet18.pt), got '{item}'")
-        if name in inits or name.startswith("scratch") or name in METHODS:
-            raise UserError(f"--init name '{name}' is taken (distinct, not a method, not starting with 'scratch')")
+        if name in inits or name.startswith(("scratch", "control_")) or name in METHODS:
+            raise UserError(f"--init name '{name}' is taken (distinct, not a method, not starting with 'scratch' "
+                            "or 'control_')")
         inits[name] = path
     return inits
 
@@ -95,9 +101,12 @@ class Settings:
     inits: dict[str, str]
     out: Path
     logger: str = "none"
-    detector: str = "faster_rcnn"
+    detector: str | None = None  # None: the protocol's (configs/bakeoff/detection.yaml)
     overrides: list[str] = field(default_factory=list)
     pretrain_overrides: list[str] = field(default_factory=list)
+    controls: bool = False
+    control_method: str = "supervised"
+    control_factor: float = 10.0
 
     def validate(self) -> None:
         unknown = [m for m in self.methods if m not in (*METHODS, "scratch")]
@@ -108,6 +117,11 @@ class Settings:
         for f in self.label_fractions:
             if not 0.0 < f <= 1.0:
                 raise UserError(f"--label-fractions: {f} is not in (0, 1]")
+        if self.controls and self.control_method not in METHODS:
+            raise UserError(f"--control-method must be one of {', '.join(METHODS)}, got '{self.control_method}'")
+        if self.controls and self.control_factor <= 1:
+            raise UserError(f"--control-factor must exceed 1 (the positive control's pre-training is this many "
+                            f"times the budget), got {self.control_factor:g}")
 
 
 @dataclass
@@ -165,8 +179,28 @@ def method_arch(method: str) -> str:
     return str(load_config(REGISTERED[method].config_path).model.arch)
 
 
+def default_data() -> Path:
+    """The embedded set a bake-off without --data runs on (built once, cached): the one the fine-tuning
+    protocol was chosen on, settings in configs/bakeoff/data.yaml."""
+    from omegaconf import OmegaConf
+
+    from tools.embedded import build_embedded
+
+    cfg = OmegaConf.load(CONFIG_DIR / "bakeoff" / "data.yaml").embedded
+    return build_embedded(REPO_ROOT / cfg.folder, size=int(cfg.size), val_size=int(cfg.val_size), seed=int(cfg.seed),
+                          image_size=int(cfg.image_size), max_objects=int(cfg.max_objects),
+                          scale=(float(cfg.scale[0]), float(cfg.scale[1])))
+
+
 def protocol_yaml(task: str) -> Path:
     return CONFIG_DIR / "bakeoff" / f"{task}.yaml"
+
+
+def detector_of(s: Settings) -> str:
+    """The detector the bake-off fine-tunes: --detector, else the detection protocol's."""
+    from omegaconf import OmegaConf
+
+    return s.detector or str(OmegaConf.load(protocol_yaml("detection")).model.detector)
 
 
 def fraction_tag(fraction: float) -> str:
@@ -198,7 +232,7 @@ class BakeOff:
     # ---- probes ------------------------------------------------------------------------------------
     def task_args(self, task: str) -> list[str]:
         args = ["--task", task, "--config", str(protocol_yaml(task)), *self.common]
-        return args + (["--detector", self.s.detector] if task == "detection" else [])
+        return args + (["--detector", self.s.detector] if task == "detection" and self.s.detector else [])
 
     def probes(self) -> list[Run]:
         """4-step runs measuring each pre-training's and each (task, arch) fine-tuning's cost per step (the
@@ -208,6 +242,10 @@ class BakeOff:
                     ["--method", m, *self.common, "--seed", "0", *self.s.pretrain_overrides, *quick],
                     self.s.out / "probe" / "pretrain" / m, self.archs[m], PROBE_STEPS, f"probe/pretrain/{m}")
                 for m in self.pretrain_methods]
+        if self.s.controls:
+            runs.append(Run(f"probe/pretrain/{POSITIVE_CONTROL}", "probe", "train.py",
+                            [*self.control_args(), *quick], self.s.out / "probe" / "pretrain" / POSITIVE_CONTROL,
+                            self.default_arch, PROBE_STEPS, f"probe/pretrain/{POSITIVE_CONTROL}"))
         for task in self.s.tasks:
             for arch in self.scratch_archs:
                 runs.append(Run(f"probe/{task}/{arch}", "probe", "finetune.py",
@@ -215,6 +253,13 @@ class BakeOff:
                                  *quick, "trainer.val_check_interval=1000000", "trainer.limit_val_batches=1"],
                                 self.s.out / "probe" / task / arch, arch, PROBE_STEPS, f"probe/{task}/{arch}"))
         return runs
+
+    def control_args(self) -> list[str]:
+        """The positive control's pre-training: --control-method on the default architecture (so it is compared
+        with the default scratch), on every label (whatever the label fraction), for --control-factor x the
+        budget."""
+        return ["--method", self.s.control_method, *self.common, "--seed", "0", *self.s.pretrain_overrides,
+                f"model.arch={self.default_arch}"]
 
     def per_step(self, run: Run) -> tuple[float, float]:
         """(FLOPs, wall seconds) per optimizer step of a finished probe."""
@@ -254,6 +299,14 @@ class BakeOff:
                                  f"trainer.max_steps={info['pretrain_steps'][m]}", *extra, *s.pretrain_overrides],
                                 s.out / "pretrain" / sub, self.archs[m], info["pretrain_steps"][m],
                                 f"probe/pretrain/{m}"))
+        if s.controls:
+            flops, _ = self.per_step(probes[f"probe/pretrain/{POSITIVE_CONTROL}"])
+            budget_steps = s.budget.steps if s.budget.steps is not None else s.budget.flops / flops
+            steps = max(1, round(s.control_factor * budget_steps))
+            info["pretrain_steps"][POSITIVE_CONTROL], info["pretrain_flops"][POSITIVE_CONTROL] = steps, steps * flops
+            runs.append(Run(f"pretrain/{POSITIVE_CONTROL}", "pretrain", "train.py",
+                            [*self.control_args(), f"trainer.max_steps={steps}"], s.out / "pretrain" / POSITIVE_CONTROL,
+                            self.default_arch, steps, f"probe/pretrain/{POSITIVE_CONTROL}"))
         for task in s.tasks:
             plain = self.plain_steps(task)
             for fraction in s.label_fractions:
@@ -265,8 +318,9 @@ class BakeOff:
                     longer = plain + round(budget_by_arch[arch] / ft_flops)
                     info["scratch_plus_steps"][f"{task}/{arch}"] = longer
                     arms.append((name, arch, ["--backbone", "scratch", "--arch", arch], plain))
-                    arms.append((name.replace("scratch", "scratch+", 1), arch,
-                                 ["--backbone", "scratch", "--arch", arch, f"trainer.max_steps={longer}"], longer))
+                    if longer > plain:  # no pre-training of this architecture: scratch+ would be scratch again
+                        arms.append((name.replace("scratch", "scratch+", 1), arch,
+                                     ["--backbone", "scratch", "--arch", arch, f"trainer.max_steps={longer}"], longer))
                 for m in self.pretrain_methods:
                     sub = pretrain_name(m, fraction)
                     arms.append((m, self.archs[m], ["--backbone", str(s.out / "pretrain" / sub / "backbone.pt")],
@@ -274,9 +328,16 @@ class BakeOff:
                     needs[m] = f"pretrain/{sub}"
                 for name, path in s.inits.items():
                     arms.append((name, "", ["--backbone", path], plain))
+                if s.controls:
+                    arms.append((POSITIVE_CONTROL, self.default_arch,
+                                 ["--backbone", str(s.out / "pretrain" / POSITIVE_CONTROL / "backbone.pt")], plain))
+                    needs[POSITIVE_CONTROL] = f"pretrain/{POSITIVE_CONTROL}"
+                    arms.append((NEGATIVE_CONTROL, self.default_arch, ["--backbone", "scratch", "--arch",
+                                                                        self.default_arch], plain))
                 frac = ["--label-fraction", str(fraction)] if fraction < 1.0 else []
                 for name, arch, args, steps in arms:
-                    for seed in range(s.seeds):
+                    offset = NEGATIVE_SEED_OFFSET if name == NEGATIVE_CONTROL else 0
+                    for seed in range(offset, offset + s.seeds):
                         key = f"finetune/{task}/{fraction_tag(fraction)}/{name}/seed{seed}"
                         # the overrides go before the arm's own (scratch+ sets its trainer.max_steps last)
                         runs.append(Run(key, "finetune", "finetune.py",
@@ -348,6 +409,8 @@ class ArmResult:
     vs_scratch_equal: Interval | None = None
     vs_scratch_plain: Interval | None = None
     verdict: str | None = None
+    control: str | None = None  # positive | negative (the protocol's controls), else None
+    control_passed: bool | None = None
 
     @property
     def total_flops(self) -> float:
@@ -362,7 +425,7 @@ class ArmResult:
 def summarise(values: dict[str, list[float]], task: str, fraction: float, archs: dict[str, str],
               costs: dict[str, dict[str, float | None]]) -> list[ArmResult]:
     """Mean and interval per arm; for every other arm, the seed-paired difference to its architecture's
-    scratch+ (the verdict) and scratch."""
+    scratch+ (the verdict) and scratch. The controls are judged against plain scratch (same fine-tuning)."""
     rows = []
     for arm, vals in values.items():
         c = costs.get(arm, {})
@@ -372,13 +435,30 @@ def summarise(values: dict[str, list[float]], task: str, fraction: float, archs:
             same = [a for a in values if a.startswith("scratch") and archs.get(a) == archs.get(arm)]
             equal = next((a for a in same if a.startswith("scratch+")), None)
             plain = next((a for a in same if not a.startswith("scratch+")), None)
-            if equal and len(values[equal]) == len(vals):
+            if equal and len(values[equal]) == len(vals) and arm not in (POSITIVE_CONTROL, NEGATIVE_CONTROL):
                 row.vs_scratch_equal = paired_difference(vals, values[equal])
                 row.verdict = verdict(row.vs_scratch_equal)
             if plain and len(values[plain]) == len(vals):
                 row.vs_scratch_plain = paired_difference(vals, values[plain])
+                if arm in (POSITIVE_CONTROL, NEGATIVE_CONTROL):
+                    judge_control(row, values[plain])
         rows.append(row)
     return rows
+
+
+def judge_control(row: ArmResult, scratch: list[float]) -> None:
+    """Positive control: passes when it beats scratch by more than POSITIVE_MARGIN seed standard deviations
+    (the larger of the two arms' sample SDs), i.e. the protocol can see a real pre-training gain. Negative
+    control (scratch, other seeds): passes when the paired interval says tie, i.e. seeds alone make no verdict."""
+    assert row.vs_scratch_plain is not None
+    row.verdict = verdict(row.vs_scratch_plain)
+    if row.arm == POSITIVE_CONTROL:
+        row.control = "positive"
+        spread = max(row.interval.sd, t_interval(scratch).sd)
+        row.control_passed = row.vs_scratch_plain.mean > POSITIVE_MARGIN * spread and row.interval.n > 1
+    else:
+        row.control = "negative"
+        row.control_passed = row.verdict == TIE
 
 
 def execute(runs: list[Run], estimate: Callable[[Run], float] | None = None, group: str | None = None) -> None:

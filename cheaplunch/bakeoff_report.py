@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cheaplunch.bakeoff import ArmResult, Settings
+from cheaplunch.bakeoff import NEGATIVE_SEED_OFFSET, POSITIVE_MARGIN, ArmResult, Settings, detector_of
 
 METRIC_NAME = {"detection": "bbox AP", "segmentation": "mIoU"}
 
@@ -29,18 +29,37 @@ def table_rows(rows: list[ArmResult]) -> list[list[str]]:
             r.task, f"{r.fraction:g}", r.arm, r.arch or "?", _flops(r.pretrain_flops), _seconds(r.pretrain_seconds),
             _flops(r.finetune_flops), r.interval.format(scale=100), str(len(r.values)),
             diff.format(scale=100) if diff else "", plain.format(scale=100) if plain else "", r.verdict or "",
+            "" if r.control is None else f"{r.control}: {'passed' if r.control_passed else 'FAILED'}",
         ])
     return out
 
 
+def control_lines(rows: list[ArmResult], s: Settings) -> list[str]:
+    """One sentence per control and panel: what it measured and whether the protocol passed it."""
+    lines = []
+    for r in (r for r in rows if r.control and r.vs_scratch_plain):
+        where = f"{r.task}, {r.fraction:g} of the labels"
+        diff = r.vs_scratch_plain.format(scale=100)
+        if r.control == "positive":
+            lines.append(f"- Positive control ({where}): {s.control_method} pre-training for {s.control_factor:g}x the "
+                         f"budget minus scratch = {diff} (paired); needs more than {POSITIVE_MARGIN:g} seed SDs "
+                         f"({100 * r.interval.sd:.2f} control, seed SDs of both arms taken): "
+                         f"**{'passed' if r.control_passed else 'FAILED: the protocol cannot see a real gain'}**.")
+        else:
+            lines.append(f"- Negative control ({where}): scratch with seeds {NEGATIVE_SEED_OFFSET}.. minus scratch = "
+                         f"{diff} (paired), verdict {r.verdict}: "
+                         f"**{'passed' if r.control_passed else 'FAILED: seeds alone gave a verdict'}**.")
+    return lines
+
+
 HEADER = ["task", "labels", "arm", "arch", "pre-train FLOPs", "pre-train wall", "fine-tune FLOPs",
-          "metric (95% CI)", "seeds", "vs scratch+ (equal compute)", "vs scratch (plain)", "verdict"]
+          "metric (95% CI)", "seeds", "vs scratch+ (equal compute)", "vs scratch (plain)", "verdict", "control"]
 
 
 def write_markdown(path: Path, rows: list[ArmResult], s: Settings, command: str, info: dict[str, Any]) -> None:
     lines = ["# Bake-off", "", "Produced by:", "", "```", command, "```", "",
              f"Data: {s.data or 'the embedded dataset'}; tasks: {', '.join(s.tasks)}"
-             + (f" ({s.detector})" if "detection" in s.tasks else "")
+             + (f" ({detector_of(s)})" if "detection" in s.tasks else "")
              + f"; seeds: {s.seeds}; pre-training budget: {s.budget.describe()}; label fractions: "
              + ", ".join(f"{f:g}" for f in s.label_fractions) + ".",
              "", "Metric in % on the val split (detection: COCO bbox AP; segmentation: mIoU), mean and 95% "
@@ -49,6 +68,9 @@ def write_markdown(path: Path, rows: list[ArmResult], s: Settings, command: str,
              "for the fine-tuning schedule plus the pre-training budget (equal total compute).", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(rows)]
+    controls = control_lines(rows, s)
+    if controls:
+        lines += ["", "Controls of the protocol (judged against plain scratch, same fine-tuning schedule):", "", *controls]
     lines += ["", "Budget arithmetic (from the 4-step probes): " + json.dumps(info), "", "![bake-off](bakeoff.png)", ""]
     path.write_text("\n".join(lines))
 

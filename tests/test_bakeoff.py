@@ -82,11 +82,51 @@ def test_summarise_pairs_each_method_with_its_own_architecture():
     assert rows["scratch"].verdict is None
 
 
+def test_plan_adds_the_controls(tmp_path):
+    s = Settings(data=None, methods=["montage", "scratch"], tasks=["segmentation"], seeds=2, budget=Budget(steps=30),
+                 label_fractions=[1.0], inits={}, out=tmp_path, controls=True, control_factor=10)
+    bake = BakeOff(s)
+    probes = {p.key: p for p in bake.probes()}
+    control_probe = probes["probe/pretrain/control_long"]
+    assert control_probe.args[:2] == ["--method", "supervised"] and "model.arch=resnet18" in control_probe.args
+    for probe in probes.values():
+        _fake_probe(probe, 1e9, 0.1)
+    runs, info = bake.plan(probes)
+    by_key = {r.key: r for r in runs}
+    # the positive control pre-trains for 10 budgets (30 steps x 10) and is fine-tuned from its backbone
+    assert info["pretrain_steps"]["control_long"] == 300 and "trainer.max_steps=300" in by_key["pretrain/control_long"].args
+    long0 = by_key["finetune/segmentation/f1/control_long/seed0"]
+    assert long0.needs == "pretrain/control_long" and str(tmp_path / "pretrain/control_long/backbone.pt") in long0.args
+    # the negative control is scratch with other seeds, as many as the arms have
+    negative = sorted(k for k in by_key if "/control_scratch/" in k)
+    assert negative == ["finetune/segmentation/f1/control_scratch/seed100", "finetune/segmentation/f1/control_scratch/seed101"]
+    args = by_key[negative[0]].args
+    assert args[args.index("--seed") + 1] == "100" and args[args.index("--backbone") + 1] == "scratch"
+
+
+def test_controls_are_judged_against_plain_scratch():
+    scratch = [0.10, 0.12, 0.11]
+    archs = dict.fromkeys(("scratch", "scratch+", "control_long", "control_scratch"), "resnet18")
+    # passes: +0.10 over scratch with seed SDs 0.01 (0.10 > 3 x 0.01); the negative control ties
+    rows = {r.arm: r for r in summarise({"scratch": scratch, "scratch+": [0.2, 0.2, 0.2], "control_long": [0.20, 0.21, 0.22],
+                                         "control_scratch": [0.11, 0.10, 0.12]}, "detection", 1.0, archs, {})}
+    assert rows["control_long"].control == "positive" and rows["control_long"].control_passed
+    assert rows["control_long"].vs_scratch_plain.mean == pytest.approx(0.10)
+    assert rows["control_long"].vs_scratch_equal is None  # not compared at equal compute: it had 10x the budget
+    assert rows["control_scratch"].control == "negative" and rows["control_scratch"].control_passed
+    assert rows["control_scratch"].verdict == TIE
+    # fails: +0.01 with a control SD of 0.02 (needs > 0.06); a "negative control" 0.1 above scratch on every seed
+    rows = {r.arm: r for r in summarise({"scratch": scratch, "control_long": [0.12, 0.14, 0.10],
+                                         "control_scratch": [0.20, 0.22, 0.21]}, "detection", 1.0, archs, {})}
+    assert rows["control_long"].control_passed is False
+    assert rows["control_scratch"].verdict == BETTER and rows["control_scratch"].control_passed is False
+
+
 @pytest.mark.slow
 def test_tiny_bakeoff_end_to_end(tiny_embedded, tmp_path):
     out = tmp_path / "bake"
     cmd = [sys.executable, str(REPO / "bakeoff.py"), "--data", str(tiny_embedded), "--methods", "montage", "scratch",
-           "--task", "segmentation", "--seeds", "2", "--budget", "2steps", "--out", str(out),
+           "--task", "segmentation", "--seeds", "2", "--budget", "2steps", "--no-controls", "--out", str(out),
            "trainer.max_steps=2", "trainer.val_check_interval=2", "data.batch_size=4"]
     dry = subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True, cwd=REPO, timeout=900)
     assert dry.returncode == 0, dry.stderr[-2000:]
