@@ -25,7 +25,6 @@ from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
 from torch import nn
-from torchmetrics.aggregation import SumMetric
 
 from callbacks.image_logging import log_images
 from common.errors import UserError
@@ -33,7 +32,7 @@ from common.images import to_uint8_image
 from datamodules.classification import ClassificationBatch
 from lightning_modules.finetune_base import FinetuneModule
 from models.detectors import convert_norm
-from models.evaluation import topk_correct
+from models.evaluation import topk_accuracy
 
 
 class ClassificationModule(FinetuneModule):
@@ -59,9 +58,8 @@ class ClassificationModule(FinetuneModule):
         self.mixup = mixup_from_config(self.cfg, self.num_classes)
         self.random_erasing = (RandomErasing(float(d.random_erasing), mode="pixel", device="cpu")
                                if float(d.random_erasing) > 0 else None)
-        self.hits1 = SumMetric()
-        self.hits5 = SumMetric()
-        self.seen = SumMetric()
+        self.top1 = topk_accuracy(self.num_classes, 1)
+        self.top5 = topk_accuracy(self.num_classes, 5)
         self._drawn: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,25 +89,20 @@ class ClassificationModule(FinetuneModule):
         return {"loss": loss, "ce": loss.detach(), "acc": acc}
 
     def on_validation_epoch_start(self) -> None:
-        for m in (self.hits1, self.hits5, self.seen):
+        for m in (self.top1, self.top5):
             m.reset()
         self._drawn = None
 
     def validation_step(self, batch: ClassificationBatch, batch_idx: int) -> None:
         logits = self(batch.images)
-        hits = topk_correct(logits, batch.labels, (1, 5))
-        self.hits1.update(torch.tensor(float(hits[1]), device=self.device))
-        self.hits5.update(torch.tensor(float(hits[5]), device=self.device))
-        self.seen.update(torch.tensor(float(batch.labels.numel()), device=self.device))
+        self.top1.update(logits, batch.labels)
+        self.top5.update(logits, batch.labels)
         if self._drawn is None and self.images_due():
             n = int(self.cfg.logging.num_images)
             self._drawn = (batch.images[:n].cpu(), logits[:n].argmax(1).cpu(), batch.labels[:n].cpu())
 
     def on_validation_epoch_end(self) -> None:
-        seen = float(self.seen.compute())
-        top1 = float(self.hits1.compute()) / max(seen, 1.0)
-        top5 = float(self.hits5.compute()) / max(seen, 1.0)
-        self.record({"top1": top1, "top5": top5})
+        self.record({"top1": float(self.top1.compute()), "top5": float(self.top5.compute())})
         if self._drawn is not None and self.images_due():
             images, pred, label = self._drawn
             names = self.class_names

@@ -33,12 +33,13 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from timm.data import Mixup
 from torch import nn
-from torchmetrics.aggregation import SumMetric
+from torchmetrics.aggregation import MeanMetric
 
 from common.errors import UserError
 from lightning_modules.base import PretrainModule
 from models.classifier import Classifier
 from models.distillation import distillation_loss, load_teacher
+from models.evaluation import topk_accuracy
 from models.montage_losses import soft_cross_entropy
 from models.tricks import last_block_norms, set_zero_gamma, stride_on_first_1x1, xavier_init
 
@@ -89,9 +90,8 @@ class SupervisedModule(PretrainModule):
             t_classes = self._teacher[0].head.out_features
             if t_classes != self.num_classes:
                 raise UserError(f"model.distill.teacher predicts {t_classes} classes, the data has {self.num_classes}")
-        self.val_hits = SumMetric()
-        self.val_seen = SumMetric()
-        self.val_loss_sum = SumMetric()
+        self.val_top1 = topk_accuracy(self.num_classes, 1)
+        self.val_loss = MeanMetric()
 
     @property
     def teacher(self) -> Classifier | None:
@@ -143,17 +143,14 @@ class SupervisedModule(PretrainModule):
 
     # ---- validation -------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
-        for metric in (self.val_hits, self.val_seen, self.val_loss_sum):
+        for metric in (self.val_top1, self.val_loss):
             metric.reset()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         logits = self(batch.images)
-        n = float(batch.labels.numel())
-        self.val_hits.update((logits.argmax(1) == batch.labels).float().sum())
-        self.val_seen.update(torch.tensor(n, device=self.device))
-        self.val_loss_sum.update(F.cross_entropy(logits.float(), batch.labels, reduction="sum"))
+        self.val_top1.update(logits, batch.labels)
+        self.val_loss.update(F.cross_entropy(logits.float(), batch.labels, reduction="none"))  # mean over samples
 
     def on_validation_epoch_end(self) -> None:
-        seen = self.val_seen.compute().clamp(min=1)
-        self.log("val/top1", self.val_hits.compute() / seen, prog_bar=True, rank_zero_only=False)
-        self.log("val/loss", self.val_loss_sum.compute() / seen, rank_zero_only=False)
+        self.log("val/top1", self.val_top1.compute(), prog_bar=True, rank_zero_only=False)
+        self.log("val/loss", self.val_loss.compute(), rank_zero_only=False)

@@ -8,7 +8,7 @@ against hand computations.
   in the ground truth or the predictions. This is the standard (PASCAL VOC / Cityscapes / mmseg);
   it equals torchmetrics ``MulticlassJaccardIndex`` (which also pools the confusion matrix over the
   dataset), not torchmetrics ``segmentation.MeanIoU`` (which averages per image).
-- Classification: top-k accuracy.
+- Classification: top-k accuracy (torchmetrics ``MulticlassAccuracy``, micro average).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torchmetrics.classification import MulticlassAccuracy
 
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -114,10 +115,7 @@ def iou_from_confusion(conf: torch.Tensor) -> tuple[float, list[float], list[boo
 
 
 # --------------------------------------------------------------------------------- classification
-def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, int]:
-    """Number of samples whose target is among the k highest logits, for each k (k capped at the number
-    of classes, so with fewer than 5 classes top-5 is 1.0)."""
-    kmax = min(max(ks), logits.shape[1])
-    top = logits.topk(kmax, dim=1).indices  # (N, kmax)
-    hit = top == target.view(-1, 1)
-    return {k: int(hit[:, : min(k, kmax)].any(dim=1).sum()) for k in ks}
+def topk_accuracy(num_classes: int, k: int) -> MulticlassAccuracy:
+    """torchmetrics' streaming top-k accuracy over the samples (micro average), k capped at the number of
+    classes (with fewer than 5 classes, top-5 counts every sample)."""
+    return MulticlassAccuracy(num_classes=num_classes, top_k=min(k, num_classes), average="micro")

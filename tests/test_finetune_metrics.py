@@ -20,7 +20,7 @@ from models.evaluation import (
     coco_evaluate,
     detections_to_coco,
     iou_from_confusion,
-    topk_correct,
+    topk_accuracy,
 )
 
 
@@ -165,9 +165,15 @@ def test_topk_against_hand_computation():
         [0.0, 5, 1, 1, 1, 1],  # target 1: top1 hit
     ])
     target = torch.tensor([0, 4, 0, 1])
-    assert topk_correct(logits, target) == {1: 2, 5: 3}
+    top1, top5 = topk_accuracy(6, 1), topk_accuracy(6, 5)
+    for rows in (slice(0, 3), slice(3, 4)):  # streamed over two batches of unequal size: 2 / 4 and 3 / 4
+        top1.update(logits[rows], target[rows])
+        top5.update(logits[rows], target[rows])
+    assert float(top1.compute()) == pytest.approx(2 / 4) and float(top5.compute()) == pytest.approx(3 / 4)
     # fewer than 5 classes: top-5 is every class
-    assert topk_correct(logits[:, :3], torch.tensor([0, 2, 0, 1]))[5] == 4
+    few = topk_accuracy(3, 5)
+    few.update(logits[:, :3], torch.tensor([0, 2, 0, 1]))
+    assert float(few.compute()) == 1.0
 
 
 def test_labelled_subsets_are_deterministic_and_nested():
