@@ -13,7 +13,6 @@ permutation per epoch); the dataset item for key k is image ``k % n`` augmented 
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
+from torchvision.transforms.v2 import RandomResizedCrop
 
 from common.errors import UserError
 from common.images import normalize_uint8  # LUT-based uint8 -> normalised float (shared)
@@ -58,25 +58,13 @@ def list_images(root: str | os.PathLike) -> list[Path]:
 def random_resized_crop_box(
     h: int, w: int, rng: np.random.Generator, scale: tuple[float, float], ratio: tuple[float, float]
 ) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop parameters (10 tries of area-scale x log-uniform aspect, then a
-    centre crop clamped to `ratio`) drawn from `rng`: (x, y, width, height)."""
-    area = h * w
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        cw = int(round(math.sqrt(target * aspect)))
-        ch = int(round(math.sqrt(target / aspect)))
-        if 0 < cw <= w and 0 < ch <= h:
-            return int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1)), cw, ch
-    in_ratio = w / h
-    if in_ratio < ratio[0]:
-        cw, ch = w, int(round(w / ratio[0]))
-    elif in_ratio > ratio[1]:
-        ch, cw = h, int(round(h * ratio[1]))
-    else:
-        cw, ch = w, h
-    return (w - cw) // 2, (h - ch) // 2, cw, ch
+    """torchvision's ``RandomResizedCrop.get_params`` (10 tries of area-scale x log-uniform aspect, then a centre
+    crop clamped to `ratio`), drawn under a torch seed taken from `rng`, so that a crop depends only on the
+    draw key, in any worker: (x, y, width, height)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(rng.integers(2**63 - 1)))
+        top, left, ch, cw = RandomResizedCrop.get_params(torch.empty(1, h, w), list(scale), list(ratio))
+    return int(left), int(top), int(cw), int(ch)
 
 
 def patch_mask(rng: np.random.Generator, gh: int, gw: int, mask_ratio: float) -> np.ndarray:

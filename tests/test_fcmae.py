@@ -387,3 +387,25 @@ def test_channels_last_and_bf16_autocast_paths(tiny_embedded):
         a, b = model.forward_encoder(batch.images, mask), model.forward_encoder(noisy, mask)
     assert torch.isfinite(loss) and a.dtype == torch.bfloat16
     assert torch.equal(a, b)
+
+
+def test_crop_box_follows_random_resized_crop_and_the_draw_key():
+    import numpy as np
+
+    from datamodules.masked import random_resized_crop_box
+
+    def draw(key: int, h: int = 120, w: int = 200, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+        return random_resized_crop_box(h, w, np.random.default_rng([0, key]), scale, ratio)
+
+    boxes = [draw(k) for k in range(500)]
+    assert draw(7) == boxes[7]  # a crop depends only on its draw key, whatever ran before
+    for x, y, cw, ch in boxes:
+        assert x >= 0 and y >= 0 and x + cw <= 200 and y + ch <= 120  # inside the image
+        # area within scale and aspect within ratio, up to the rounding of the sides to whole pixels
+        assert 0.2 * 24000 * 0.97 <= cw * ch <= 24000
+        assert 3 / 4 * 0.97 <= cw / ch <= 4 / 3 * 1.03
+    areas = np.array([cw * ch / 24000 for _, _, cw, ch in boxes])
+    assert 0.35 < areas.mean() < 0.65 and len(set(boxes)) > 450  # spread over the range, not one box
+    # no crop of the asked shape fits: torchvision's fallback, the centre crop clamped to the ratio (hand count:
+    # a 100 x 100 image at aspect 2 -> 100 wide, 50 high, centred)
+    assert draw(0, 100, 100, (1.0, 1.0), (2.0, 2.0)) == (0, 25, 100, 50)
