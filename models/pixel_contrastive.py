@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -289,33 +290,16 @@ def _world() -> tuple[int, int]:
     return 1, 0
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 whose backward sums the gradient over ranks (every rank's loss may use
-    every rank's tensor) and returns each rank its own slice."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        world, rank = _world()
-        ctx.world, ctx.rank, ctx.n = world, rank, x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, 0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
-
-
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` (same shape on every rank) over the ranks along dim 0, gradients flowing back.
-    Identity without an initialised process group. With the DDP gradient average over ranks, the
-    resulting gradients equal those of the mean of the per-rank losses computed on one process."""
+    """Concatenate `x` (same shape on every rank) over the ranks along dim 0, gradients flowing back
+    (``torch.distributed.nn.functional.all_gather``: its backward sums each slice's gradient over the ranks, as
+    every rank's loss may use every rank's tensor). Identity without an initialised process group. With the DDP
+    gradient average over ranks, the resulting gradients equal those of the mean of the per-rank losses
+    computed on one process."""
     world, _ = _world()
     if world == 1:
         return x
-    return _GatherWithGrad.apply(x)
+    return torch.cat(dist_nn.all_gather(x.contiguous()), 0)
 
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
