@@ -1,24 +1,36 @@
-"""Per-step learning-rate schedule: linear warm-up, then cosine (or step) decay.
+"""Per-step learning-rate schedule: linear warm-up, then cosine (or step) decay, computed by timm's
+schedulers (``CosineLRScheduler`` / ``MultiStepLRScheduler``, per update: ``t_in_epochs=False``).
 
 The lr of every optimizer param group is set before each optimizer step from `trainer.global_step`
 (the number of optimizer steps taken so far), so the schedule is right under gradient accumulation
 (the lr is constant across the micro-batches of one step) and after a resume (global_step is
-restored from the checkpoint). A param group may carry an `lr_scale` (layer-wise lr decay).
+restored from the checkpoint). A param group may carry an `lr_scale` (layer-wise lr decay; timm applies it).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
+from timm.scheduler.scheduler import Scheduler
 
 from common.errors import UserError
 
+SCHEDULES = ("cosine", "step", "constant")
 
-def scheduled_lr(
-    step: int,
+
+def check_schedule_name(name: str) -> None:
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown lr schedule '{name}' (choices: {', '.join(SCHEDULES)})")
+
+
+def timm_scheduler(
+    optimizer: torch.optim.Optimizer,
     *,
     base_lr: float,
     total_steps: int,
@@ -28,27 +40,31 @@ def scheduled_lr(
     name: str = "cosine",
     milestones: Sequence[float] = (),
     gamma: float = 0.1,
-) -> float:
-    """Learning rate to use for optimizer step `step` (0-based).
+) -> Scheduler:
+    """The timm scheduler of this schedule over `optimizer`, every param group starting from `base_lr`.
 
     Warm-up: lr rises linearly from base_lr * warmup_start_factor at step 0 to base_lr at step
-    `warmup_steps`. After it, `cosine` decays from base_lr to base_lr * min_lr_factor at `total_steps`;
-    `step` multiplies by `gamma` at each milestone (fractions of total_steps); `constant` stays.
-    """
-    if step < warmup_steps:
-        frac = step / warmup_steps
-        return base_lr * (warmup_start_factor + (1.0 - warmup_start_factor) * frac)
-    min_lr = base_lr * min_lr_factor
+    `warmup_steps`. After it, `cosine` decays from base_lr to base_lr * min_lr_factor at `total_steps`
+    (the cosine spans the steps after the warm-up); `step` multiplies by `gamma` at each milestone (fractions
+    of total_steps, counted from step 0); `constant` stays."""
+    check_schedule_name(name)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = base_lr  # timm's base value of every group (its lr_scale is applied on top)
+    warmup = dict(warmup_t=warmup_steps, warmup_lr_init=base_lr * warmup_start_factor, t_in_epochs=False)
     if name == "cosine":
-        span = max(total_steps - warmup_steps, 1)
-        progress = min(max(step - warmup_steps, 0) / span, 1.0)
-        return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if name == "step":
-        passed = sum(step >= round(m * total_steps) for m in milestones)
-        return base_lr * gamma**passed
-    if name == "constant":
-        return base_lr
-    raise ValueError(f"unknown lr schedule '{name}' (choices: cosine, step, constant)")
+        return CosineLRScheduler(optimizer, t_initial=max(total_steps - warmup_steps, 1), lr_min=base_lr * min_lr_factor,
+                                 warmup_prefix=True, **warmup)
+    # timm applies a milestone m at step m - 1 (its historical convention), so each is given one step later
+    decay_t = [round(m * total_steps) + 1 for m in milestones] if name == "step" else []
+    return MultiStepLRScheduler(optimizer, decay_t=decay_t, decay_rate=gamma, warmup_prefix=False, **warmup)
+
+
+def scheduled_lr(step: int, **schedule: Any) -> float:
+    """Learning rate of optimizer step `step` (0-based) under `timm_scheduler(**schedule)` (for plots and tests)."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=schedule["base_lr"])
+    scheduler = timm_scheduler(optimizer, **schedule)
+    scheduler.step_update(step)
+    return float(optimizer.param_groups[0]["lr"])
 
 
 def steps_per_epoch(trainer: L.Trainer) -> int:
@@ -91,7 +107,8 @@ class WarmupCosineLR(Callback):
         self.milestones = tuple(milestones)
         self.gamma = gamma
         self.total_steps = 0
-        scheduled_lr(0, base_lr=1.0, total_steps=1, name=name)  # fail early on a bad name
+        self.schedulers: list[Scheduler] = []
+        check_schedule_name(name)  # fail early, before training starts
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.total_steps = int(trainer.estimated_stepping_batches)
@@ -99,25 +116,21 @@ class WarmupCosineLR(Callback):
             self.base_lr = float(pl_module.peak_lr)
         if self.warmup_epochs is not None:
             self.warmup_steps = round(self.warmup_epochs * steps_per_epoch(trainer))
+        self.schedulers = [timm_scheduler(optimizer, **self.schedule()) for optimizer in trainer.optimizers]
 
-    def lr_at(self, step: int) -> float:
+    def schedule(self) -> dict[str, Any]:
         if self.base_lr is None:
             raise RuntimeError("WarmupCosineLR: base lr unknown before training starts")
-        return scheduled_lr(
-            step,
-            base_lr=self.base_lr,
-            total_steps=self.total_steps,
-            warmup_steps=self.warmup_steps,
-            warmup_start_factor=self.warmup_start_factor,
-            min_lr_factor=self.min_lr_factor,
-            name=self.name,
-            milestones=self.milestones,
-            gamma=self.gamma,
-        )
+        return dict(base_lr=self.base_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                    warmup_start_factor=self.warmup_start_factor, min_lr_factor=self.min_lr_factor, name=self.name,
+                    milestones=self.milestones, gamma=self.gamma)
+
+    def lr_at(self, step: int) -> float:
+        return scheduled_lr(step, **self.schedule())
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        lr = self.lr_at(trainer.global_step)
-        for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
+        for scheduler in self.schedulers:
+            scheduler.step_update(trainer.global_step)
+        group = trainer.optimizers[0].param_groups[0]
+        lr = group["lr"] / group.get("lr_scale", 1.0)
         pl_module.log("lr", lr, on_step=True, on_epoch=False, prog_bar=True, rank_zero_only=True)
