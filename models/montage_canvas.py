@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from models.erf import position_regions_from_masks
+
 POSITIONS: tuple[str, ...] = ("top_left", "top_right", "bottom_left", "bottom_right")
 POSITION_GROUPS: dict[str, str] = {
     "top_left": "S",
@@ -73,14 +75,6 @@ class MontageLayout:
         return torch.tensor([bw * bh / (h * w) for (_, _, bw, bh) in self.cell_boxes().values()])
 
     def position_regions(self, feature_hw: tuple[int, int]) -> torch.Tensor:
-        """Region index (h, w) of each feature position: the cell holding the input-space centre of the
-        position's stride cell (centre of cell j is (j + 0.5) * H / h)."""
-        fh, fw = feature_hw
-        h, w = self.canvas
-        sx, sy = self.split_px
-        cy = (torch.arange(fh, dtype=torch.float64) + 0.5) * h / fh
-        cx = (torch.arange(fw, dtype=torch.float64) + 0.5) * w / fw
-        bottom = (cy >= sy).long()[:, None]
-        right = (cx >= sx).long()[None, :]
-        # POSITIONS order: top_left=0, top_right=1, bottom_left=2, bottom_right=3
-        return bottom * 2 + right
+        """Region index (h, w) of each feature position, in POSITIONS order: the cell holding the input-space
+        centre of the position's stride cell (``models.erf.position_regions_from_masks`` on the cell masks)."""
+        return position_regions_from_masks(self.region_masks(), feature_hw)

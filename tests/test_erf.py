@@ -20,7 +20,7 @@ from models.erf import (
     position_regions_from_masks,
     soft_label_weights,
 )
-from models.montage_canvas import MontageLayout
+from models.montage_canvas import POSITIONS, MontageLayout
 from tests.erf_reference import literal_soft_label_weights, reference_erf, with_batch_statistics
 
 # every way models/erf.py computes an ERF: compute_erf's methods and the brute-force loop
@@ -225,9 +225,18 @@ def test_unknown_bn_mode_is_an_error() -> None:
 
 @pytest.mark.parametrize("canvas", [(224, 224), (97, 131)])
 @pytest.mark.parametrize("fhw", [(1, 1), (2, 3), (7, 7), (13, 9), (14, 14), (56, 56)])
-def test_regions_from_masks_match_layout(canvas: tuple[int, int], fhw: tuple[int, int]) -> None:
+def test_regions_of_feature_positions_against_brute_force(canvas: tuple[int, int], fhw: tuple[int, int]) -> None:
+    """Each position's region is the cell box (x, y, w, h) holding the centre of its stride cell, found here by
+    testing every box."""
     layout = MontageLayout(canvas)
-    assert torch.equal(position_regions_from_masks(layout.region_masks(), fhw), layout.position_regions(fhw))
+    boxes = [layout.cell_boxes()[p] for p in POSITIONS]
+    expected = torch.zeros(fhw, dtype=torch.long)
+    for j in range(fhw[0]):
+        for k in range(fhw[1]):
+            cy, cx = (j + 0.5) * canvas[0] / fhw[0], (k + 0.5) * canvas[1] / fhw[1]
+            expected[j, k] = next(i for i, (x, y, w, h) in enumerate(boxes) if x <= cx < x + w and y <= cy < y + h)
+    assert torch.equal(layout.position_regions(fhw), expected)
+    assert torch.equal(position_regions_from_masks(layout.region_masks(), fhw), expected)
 
 
 @pytest.mark.parametrize("tau", [0.0, 0.3, 0.7, 1.0])
