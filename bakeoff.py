@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--control-factor", type=float, default=10.0,
                         help="the positive control's pre-training compute in budgets (default 10)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="run the 4-step probes, print the plan with each arm's measured cost and the "
+                        help="run the 8-step probes, print the plan with each arm's measured cost and the "
                              "estimated total, and stop")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for every fine-tuning run")
     return parser

@@ -39,6 +39,8 @@ class ComputeMeter(Callback):
         self._wall_before = 0.0  # training seconds of earlier (resumed) sessions
         self._images = 0
         self._images_before = 0
+        self._batch_started: float | None = None
+        self.step_seconds: list[float] = []  # optimizer steps neither counted nor the first (their speed, uninstrumented)
 
     # ---- counting ---------------------------------------------------------------------------------
     def _counting(self, trainer: L.Trainer) -> bool:
@@ -62,6 +64,8 @@ class ComputeMeter(Callback):
                              batch_idx: int) -> None:
         self._images += batch_size_of(batch)
         self._wanted = self._counting(trainer)
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            self._batch_started = time.perf_counter()
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._counter is not None:
@@ -71,6 +75,9 @@ class ComputeMeter(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if stepped and not self._wanted and trainer.global_step > self.skip and self._batch_started is not None:
+            self.step_seconds.append(time.perf_counter() - self._batch_started)
         if not self._wanted:
             return
         self._wanted = False
@@ -111,6 +118,9 @@ class ComputeMeter(Callback):
             "processes": world,
             "total_flops": per_step * steps * world if per_step is not None else None,
             "wall_seconds": round(self._wall_seconds(), 2),
+            # median seconds of an uninstrumented optimizer step (data loading and validation excluded): what a
+            # short probe says a long run's step costs, unlike its wall seconds (counted steps run slower)
+            "step_seconds": round(statistics.median(self.step_seconds), 4) if self.step_seconds else None,
             "images_seen": (self._images_before + self._images) * world,
             "device": device,
             "method": "FlopCounterMode on counted real steps; total = mean per step x steps x processes",

@@ -3,7 +3,7 @@ fine-tuned on the user's own detection / segmentation data, with seed intervals 
 
 It is a plan of independent runs, one folder each under ``--out``:
 
-1. ``probe/...``: a 4-step run of every pre-training method and of every (task, architecture) fine-tuning,
+1. ``probe/...``: an 8-step run of every pre-training method and of every (task, architecture) fine-tuning,
    whose ``compute.json`` (``callbacks.compute.ComputeMeter``) gives the FLOPs and seconds per step;
 2. ``pretrain/<method>[_f<fraction>]``: ``train.py --method <method>`` for the budget (a FLOPs budget is
    divided by the method's measured FLOPs per step);
@@ -45,7 +45,7 @@ POSITIVE_MARGIN = 3.0
 NEGATIVE_SEED_OFFSET = 100  # the negative control fine-tunes scratch with seeds 100, 101, ...
 LABEL_USING = ("montage", "supervised", "contrastive")  # pre-train on the labelled subset only
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # a dotted key=value config override
-PROBE_STEPS = 4  # FLOPs per step measured on steps 1..3 (ComputeMeter skips step 0)
+PROBE_STEPS = 8  # FLOPs per step counted on steps 1..3 (ComputeMeter skips step 0), seconds per step timed on 4..7
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,7 @@ class BakeOff:
         return args + (["--detector", self.s.detector] if task == "detection" and self.s.detector else [])
 
     def probes(self) -> list[Run]:
-        """4-step runs measuring each pre-training's and each (task, arch) fine-tuning's cost per step (the
+        """PROBE_STEPS-step runs measuring each pre-training's and each (task, arch) fine-tuning's cost per step (the
         probe's own settings come last, so the user's overrides cannot change its length)."""
         quick = [f"trainer.max_steps={PROBE_STEPS}", "checkpoint.every_n_steps=1000000"]
         runs = [Run(f"probe/pretrain/{m}", "probe", "train.py",
@@ -266,7 +266,8 @@ class BakeOff:
         c = run.compute()
         if not c.get("flops_per_step"):
             raise UserError(f"{run.out}: the probe measured no FLOPs (compute.json missing or empty)")
-        return float(c["flops_per_step"]) * int(c.get("processes", 1)), float(c["wall_seconds"]) / max(c["optimizer_steps"], 1)
+        seconds = c.get("step_seconds") or float(c["wall_seconds"]) / max(c["optimizer_steps"], 1)
+        return float(c["flops_per_step"]) * int(c.get("processes", 1)), float(seconds)
 
     def plain_steps(self, task: str) -> int:
         from cheaplunch.config import load_config

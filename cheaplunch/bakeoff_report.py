@@ -71,7 +71,7 @@ def write_markdown(path: Path, rows: list[ArmResult], s: Settings, command: str,
     controls = control_lines(rows, s)
     if controls:
         lines += ["", "Controls of the protocol (judged against plain scratch, same fine-tuning schedule):", "", *controls]
-    lines += ["", "Budget arithmetic (from the 4-step probes): " + json.dumps(info), "", "![bake-off](bakeoff.png)", ""]
+    lines += ["", "Budget arithmetic (from the probes): " + json.dumps(info), "", "![bake-off](bakeoff.png)", ""]
     path.write_text("\n".join(lines))
 
 

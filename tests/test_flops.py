@@ -99,3 +99,30 @@ def test_compute_meter_counts_real_training_steps(tmp_path):
     assert written["counted_steps"] == 2 and written["optimizer_steps"] == 5
     assert written["total_flops"] == 5 * 2 * 4 * per_image
     assert written["images_seen"] == 5 * 2 * 4 and written["device"] == "cpu"
+
+
+def test_compute_meter_times_the_uninstrumented_steps(tmp_path):
+    """step_seconds: the median of the optimizer steps after the counted ones (the first step and the slower
+    FLOP-counted steps excluded), each from its first micro-batch's start to its last one's end."""
+    import json
+    import time
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from callbacks.compute import ComputeMeter
+
+    class Sleepy(_LitNet):
+        def training_step(self, batch, batch_idx):
+            time.sleep(0.05)
+            return super().training_step(batch, batch_idx)
+
+    data = TensorDataset(torch.randn(48, 3, 16, 16), torch.randint(0, 10, (48,)))
+    meter = ComputeMeter(tmp_path / "compute.json", count=2, skip=1)
+    trainer = L.Trainer(max_steps=6, accumulate_grad_batches=2, callbacks=[meter], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu")
+    trainer.fit(Sleepy(), DataLoader(data, batch_size=4))
+    assert len(meter.step_seconds) == 3  # steps 3, 4, 5 (0: first; 1, 2: counted)
+    written = json.loads((tmp_path / "compute.json").read_text())
+    assert written["step_seconds"] >= 2 * 0.05  # two micro-batches of at least 0.05 s each
+    assert written["step_seconds"] == pytest.approx(sorted(meter.step_seconds)[1], abs=1e-4)
