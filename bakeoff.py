@@ -77,11 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             BakeOff,
             Settings,
             default_data,
-            execute,
-            execute_slurm,
             parse_budget,
             parse_inits,
         )
+        from cheaplunch.bakeoff_launch import execute, execute_slurm
         from cheaplunch.bakeoff_report import log_wandb, write_json, write_markdown, write_plot
 
         out = Path(args.out).resolve()

@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -460,107 +458,3 @@ def judge_control(row: ArmResult, scratch: list[float]) -> None:
     else:
         row.control = "negative"
         row.control_passed = row.verdict == TIE
-
-
-def execute(runs: list[Run], estimate: Callable[[Run], float] | None = None, group: str | None = None) -> None:
-    """Run what is not done, in order, one at a time, under a progress bar with the time spent and an
-    estimate of what is left (from `estimate(run)` seconds, else from the runs done so far). `group` becomes
-    every run's W&B group (WANDB_RUN_GROUP)."""
-    from tqdm import tqdm
-
-    env = dict(os.environ, **({"WANDB_RUN_GROUP": group} if group else {}))
-
-    todo = [r for r in runs if not r.done()]
-    left = sum(estimate(r) for r in todo) if estimate else None
-    with tqdm(total=len(runs), initial=len(runs) - len(todo), desc="bake-off", unit="run", dynamic_ncols=True) as bar:
-        for run in todo:
-            if left is not None:
-                bar.set_postfix_str(f"{run.key}; about {left / 60:.0f} min left")
-            else:
-                bar.set_postfix_str(run.key)
-            run.out.mkdir(parents=True, exist_ok=True)
-            with open(run.log, "a") as log:
-                code = subprocess.call(run.command(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
-            if code != 0 or not run.done():
-                raise UserError(f"{run.key} failed (exit {code}); its log is {run.log}: {run.log_tail()}")
-            if left is not None and estimate is not None:
-                left = max(left - estimate(run), 0.0)
-            bar.update(1)
-
-
-# ---- SLURM ---------------------------------------------------------------------------------------------
-SBATCH_TEMPLATE = """#!/bin/bash
-#SBATCH --job-name=bakeoff-{name}
-#SBATCH --nodes=1
-#SBATCH --ntasks-per-node=1
-#SBATCH --requeue
-#SBATCH --signal=SIGUSR1@120
-#SBATCH --open-mode=append
-#SBATCH --output={log}
-# one run of a bake-off (cheaplunch/bakeoff.py); requeued on preemption, it resumes from its last.ckpt
-cd {repo}
-export MASTER_ADDR="${{MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}}"
-srun {command}
-"""
-
-
-def _sbatch(args: list[str], env: dict[str, str]) -> str:
-    try:
-        result = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, env=env, timeout=120)
-    except FileNotFoundError:
-        raise UserError("--launcher slurm: sbatch not found; run on a SLURM login node or use --launcher local") from None
-    if result.returncode != 0:
-        raise UserError(f"sbatch {' '.join(args)} failed: {result.stderr.strip()}")
-    return result.stdout.strip().split(";")[0]
-
-
-def _queued(job_ids: list[str], env: dict[str, str]) -> set[str]:
-    """The jobs among `job_ids` that SLURM still holds (pending, running, requeued, completing)."""
-    if not job_ids:
-        return set()
-    result = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)], capture_output=True, text=True,
-                            env=env, timeout=120)
-    return {line.strip() for line in result.stdout.splitlines() if line.strip()}
-
-
-def execute_slurm(runs: list[Run], sbatch_args: list[str] = (), group: str | None = None,
-                  poll_seconds: float = 5.0) -> None:
-    """Submit every run that is not done as its own SLURM job (``out/job.sbatch``, log ``out/bakeoff.log``),
-    a fine-tuning after its pre-training (``--dependency=afterok``), then wait for all under a progress bar.
-    A job that leaves the queue without its outputs is a UserError naming its log. Jobs are requeued on
-    preemption (``--requeue --signal=SIGUSR1@120``) and resume from ``last.ckpt``, as ``train.py`` does."""
-    import shlex
-    import time
-
-    from tqdm import tqdm
-
-    env = dict(os.environ, **({"WANDB_RUN_GROUP": group} if group else {}))
-    jobs: dict[str, str] = {}
-    todo = [r for r in runs if not r.done()]
-    for run in todo:
-        run.out.mkdir(parents=True, exist_ok=True)
-        script = run.out / "job.sbatch"
-        script.write_text(SBATCH_TEMPLATE.format(name=re.sub(r"[^\w.-]", "_", run.key), log=run.log,
-                                                 repo=REPO_ROOT, command=shlex.join(run.command())))
-        after = [jobs[run.needs]] if run.needs in jobs else []
-        jobs[run.key] = _sbatch([*sbatch_args, *([f"--dependency=afterok:{':'.join(after)}"] if after else []),
-                                 str(script)], env)
-        (run.out / "slurm_job_id").write_text(jobs[run.key] + "\n")
-    by_key = {r.key: r for r in todo}
-    with tqdm(total=len(runs), initial=len(runs) - len(todo), desc="bake-off (SLURM)", unit="run",
-              dynamic_ncols=True) as bar:
-        waiting = dict(jobs)
-        while waiting:
-            queued = _queued(list(waiting.values()), env)
-            for key, job in list(waiting.items()):
-                if job in queued:
-                    continue
-                run = by_key[key]
-                if not run.done():
-                    raise UserError(f"{key}: SLURM job {job} ended without its outputs; its log is "
-                                    f"{run.log}: {run.log_tail()}")
-                del waiting[key]
-                bar.update(1)
-            bar.set_postfix_str(f"{len(waiting)} jobs queued or running")
-            if waiting:
-                time.sleep(poll_seconds)

@@ -118,7 +118,7 @@ def test_bakeoff_launcher_slurm_runs_every_run_as_a_job(cluster, tiny_embedded, 
     out = tmp_path / "bake"
     env = {**cluster.env, "MASTER_ADDR": "127.0.0.1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "bakeoff.py", "--launcher", "slurm", "--data", str(tiny_embedded), "--methods", "montage",
-           "scratch", "--task", "segmentation", "--seeds", "2", "--budget", "2steps", "--out", str(out),
+           "scratch", "--task", "segmentation", "--seeds", "2", "--budget", "2steps", "--no-controls", "--out", str(out),
            "trainer.max_steps=2", "trainer.val_check_interval=2", "data.batch_size=4", "data.num_workers=0"]
     result = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
