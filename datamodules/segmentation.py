@@ -26,8 +26,8 @@ from common.errors import DataError
 from datamodules.finetune_common import loader_kwargs, subset_from_config, val_loader
 from datamodules.image_check import check_images
 from datamodules.layout import resolve_dataset
-from datamodules.readers import (
-    IGNORE_INDEX,
+from datamodules.readers import IGNORE_INDEX
+from datamodules.segmentation_readers import (
     SegmentationFolder,
     segmentation_class_names,
     segmentation_layout,

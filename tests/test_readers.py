@@ -11,6 +11,7 @@ from PIL import Image
 import cheaplunch
 from common.errors import DataError, DataWarning, UserError
 from datamodules import readers as R
+from datamodules import segmentation_readers as SR
 from datamodules.layout import resolve_dataset
 from tools.embedded import CLASSES
 
@@ -246,19 +247,19 @@ def _voc(root: Path) -> Path:
 
 def test_voc_layout(tmp_path):
     voc = _voc(tmp_path)
-    pairs = R.find_segmentation_pairs(tmp_path, "train")
+    pairs = SR.find_segmentation_pairs(tmp_path, "train")
     assert pairs == [(voc / "JPEGImages" / "2007_000032.jpg", voc / "SegmentationClass" / "2007_000032.png")]
-    ds = R.SegmentationFolder.from_root(tmp_path, "val")
-    assert len(ds) == 1 and ds.class_names == R.VOC_CLASSES and len(ds.class_names) == 21
+    ds = SR.SegmentationFolder.from_root(tmp_path, "val")
+    assert len(ds) == 1 and ds.class_names == SR.VOC_CLASSES and len(ds.class_names) == 21
     image, label = ds[0]
     assert image.shape == (24, 32, 3) and label.dtype == np.uint8
     assert Image.open(ds.pairs[0][1]).mode == "P"
     assert set(np.unique(label)) == {0, 15, 255} and (label[4:12, 4:20] == 15).all()
     (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_000032\nmissing_one\n")
     with pytest.raises(DataError, match="missing_one.jpg"):
-        R.find_segmentation_pairs(tmp_path, "train")
+        SR.find_segmentation_pairs(tmp_path, "train")
     with pytest.raises(DataError, match="test.txt"):
-        R.find_segmentation_pairs(tmp_path, "test")
+        SR.find_segmentation_pairs(tmp_path, "test")
 
 
 def test_cityscapes_layout_maps_label_ids_to_train_ids(tmp_path):
@@ -270,7 +271,7 @@ def test_cityscapes_layout_maps_label_ids_to_train_ids(tmp_path):
     ids[1, :3] = [23, 24, 29]  # sky, person, caravan (not evaluated)
     _save(tmp_path / "gtFine" / "train" / city / f"{stem}_gtFine_labelIds.png", ids)
     _save(tmp_path / "gtFine" / "train" / city / f"{stem}_gtFine_color.png", _rgb(8, 16))  # ignored
-    ds = R.SegmentationFolder.from_root(tmp_path, "train")
+    ds = SR.SegmentationFolder.from_root(tmp_path, "train")
     assert len(ds) == 1 and len(ds.class_names) == 19 and ds.class_names[13] == "car"
     _, label = ds[0]
     assert label[0, :4].tolist() == [0, 13, 18, 255]
@@ -278,15 +279,15 @@ def test_cityscapes_layout_maps_label_ids_to_train_ids(tmp_path):
     assert (label[2:] == 255).all()  # labelId 0 (unlabeled) -> ignore
     (tmp_path / "gtFine" / "train" / city / f"{stem}_gtFine_labelIds.png").unlink()
     with pytest.raises(DataError, match=f"{stem}_leftImg8bit.png.*{stem}_gtFine_labelIds.png"):
-        R.find_segmentation_pairs(tmp_path, "train")
+        SR.find_segmentation_pairs(tmp_path, "train")
 
 
 def test_project_layout_on_the_embedded_dataset(tiny_embedded):
-    ds = R.SegmentationFolder.from_root(tiny_embedded, "train")
+    ds = SR.SegmentationFolder.from_root(tiny_embedded, "train")
     assert len(ds) == 12 and ds.class_names == ["background", *CLASSES]
     image, label = ds[0]
     assert image.shape[:2] == label.shape and set(np.unique(label)) <= set(range(11)) | {255}
-    assert R.segmentation_layout(tiny_embedded) == "project"
+    assert SR.segmentation_layout(tiny_embedded) == "project"
 
 
 
@@ -296,37 +297,37 @@ def test_segmentation_class_names_name_the_broken_file(tiny_embedded, tmp_path):
 
     root = tmp_path / "seg"
     shutil.copytree(tiny_embedded, root)
-    assert R.segmentation_class_names(root) == ["background", *CLASSES]
+    assert SR.segmentation_class_names(root) == ["background", *CLASSES]
     ann = root / "annotations" / "instances_train.json"
     ann.write_text(ann.read_text()[:300])
     with pytest.raises(DataError, match=r"instances_train\.json: not valid JSON .*classes\.txt"):
-        R.segmentation_class_names(root)
+        SR.segmentation_class_names(root)
     with pytest.raises(DataError, match=r"instances_train\.json: not valid JSON"):
-        R.SegmentationFolder.from_root(root, "val")
+        SR.SegmentationFolder.from_root(root, "val")
     ann.write_text(json.dumps({"categories": [{"name": "cat"}]}))
     with pytest.raises(DataError, match=r"instances_train\.json: cannot read its categories \(KeyError"):
-        R.segmentation_class_names(root)
+        SR.segmentation_class_names(root)
     (root / "classes.txt").write_text("background\ncat\n")  # classes.txt wins: the JSON is not read
-    assert R.segmentation_class_names(root) == ["background", "cat"]
+    assert SR.segmentation_class_names(root) == ["background", "cat"]
     (root / "classes.txt").unlink()
     shutil.rmtree(root / "annotations")
-    assert R.segmentation_class_names(root) is None  # nothing tells: the caller decides (model.num_classes)
-    assert R.SegmentationFolder.from_root(root, "val").class_names is None
+    assert SR.segmentation_class_names(root) is None  # nothing tells: the caller decides (model.num_classes)
+    assert SR.SegmentationFolder.from_root(root, "val").class_names is None
 
 def test_segmentation_folder_errors_name_both_files(tmp_path):
     _save(tmp_path / "img" / "x.jpg", _rgb(20, 30))
     _save(tmp_path / "lbl" / "x.png", np.zeros((20, 31), np.uint8))
     with pytest.raises(DataError, match=r"mask .*lbl/x\.png is 31x20 but its image .*img/x\.jpg is 30x20"):
-        R.SegmentationFolder(tmp_path / "img", tmp_path / "lbl")
+        SR.SegmentationFolder(tmp_path / "img", tmp_path / "lbl")
     _save(tmp_path / "img" / "y.jpg", _rgb(20, 30))
     (tmp_path / "lbl" / "x.png").unlink()
     with pytest.raises(DataError, match=r"no mask for image .*img/x\.jpg: expected .*lbl/x\.png"):
-        R.SegmentationFolder(tmp_path / "img", tmp_path / "lbl")
+        SR.SegmentationFolder(tmp_path / "img", tmp_path / "lbl")
     _save(tmp_path / "rgbmask" / "a.png", _rgb(4, 4))
     with pytest.raises(DataError, match="single-channel"):
         R.read_label(tmp_path / "rgbmask" / "a.png")
     with pytest.raises(DataError, match="not a segmentation dataset.*JPEGImages.*leftImg8bit.*masks"):
-        R.segmentation_layout(tmp_path)
+        SR.segmentation_layout(tmp_path)
 
 
 # ------------------------------------------------------------------------------------ ImageFolder
