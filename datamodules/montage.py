@@ -35,14 +35,8 @@ from torch.utils.data.distributed import DistributedSampler
 from common.errors import UserError
 from common.images import annotate_montage, new_batch_tensor, normalize_images
 from datamodules.montage_assembler import CELL_KEYS, ERF_STREAM, CellInfo, MontageAssembler
-from datamodules.sample_bank import (
-    BANK_VERSION,
-    DEFAULT_NEGATIVES_AVOID,
-    SampleBank,
-    ann_file_fingerprint,
-    check_negatives_avoid,
-    read_bank_settings,
-)
+from datamodules.sample_bank import BANK_VERSION, SampleBank, ann_file_fingerprint, read_bank_settings
+from datamodules.sample_plan import DEFAULT_NEGATIVES_AVOID, check_negatives_avoid
 from models.montage_canvas import MontageLayout
 
 # --------------------------------------------------------------------------------------------------

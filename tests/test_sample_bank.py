@@ -21,14 +21,8 @@ from torchvision.ops import box_iou
 
 from common.errors import DataError, UserError
 from datamodules.readers import load_coco
-from datamodules.sample_bank import (
-    GROUPS,
-    NEGATIVES_AVOID,
-    SampleBank,
-    aspect_group,
-    aspect_group_codes,
-    plan_samples,
-)
+from datamodules.sample_bank import GROUPS, SampleBank, aspect_group, aspect_group_codes
+from datamodules.sample_plan import NEGATIVES_AVOID, plan_samples
 
 CATEGORIES = [(3, "cat"), (7, "rocket"), (12, "cup")]  # arbitrary COCO ids -> labels 0, 1, 2
 
