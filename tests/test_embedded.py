@@ -13,19 +13,20 @@ from pycocotools import mask as mask_utils
 from cheaplunch import REPO_ROOT
 from common.errors import DataError, UserError
 from tools.embedded import builder as E
+from tools.embedded import compositing as C
 
 
-def _disc_layer(radius: int, x: int, y: int, label: int, colour=(200, 40, 40), soft: float = 2.0) -> E.Layer:
+def _disc_layer(radius: int, x: int, y: int, label: int, colour=(200, 40, 40), soft: float = 2.0) -> C.Layer:
     """A disc whose alpha falls linearly from 1 to 0 over ``soft`` pixels at its rim."""
     size = 2 * radius + 1
     yy, xx = np.mgrid[:size, :size]
     dist = np.hypot(yy - radius, xx - radius)
     alpha = np.clip((radius - dist) / soft, 0, 1).astype(np.float32)
     rgb = np.array(colour, np.float32) * alpha[..., None]
-    return E.Layer(np.dstack([rgb, alpha]), x, y, label, "disc")
+    return C.Layer(np.dstack([rgb, alpha]), x, y, label, "disc")
 
 
-def _paste_alpha(layer: E.Layer, shape) -> np.ndarray:
+def _paste_alpha(layer: C.Layer, shape) -> np.ndarray:
     """Independent reference: the layer's alpha on an HxW canvas (by explicit loops over pixels)."""
     out = np.zeros(shape, np.float32)
     h, w = layer.rgba.shape[:2]
@@ -45,12 +46,12 @@ def _tight_bbox(mask: np.ndarray) -> list[int]:
 def test_single_object_mask_is_alpha_above_threshold_clipped_to_image():
     bg = np.full((40, 50, 3), 90, np.uint8)
     layer = _disc_layer(radius=12, x=-5, y=20, label=3)  # sticks out left and bottom
-    comp = E.composite(bg, [layer])
+    comp = C.composite(bg, [layer])
     (obj,) = comp.objects
     alpha = _paste_alpha(layer, bg.shape[:2])
-    expected = alpha >= E.ALPHA_THRESHOLD
+    expected = alpha >= C.ALPHA_THRESHOLD
     assert np.array_equal(obj.mask, expected) and np.array_equal(obj.visible, expected)
-    ann = E.coco_annotation(obj)
+    ann = C.coco_annotation(obj)
     assert np.array_equal(mask_utils.decode(ann["segmentation"]).astype(bool), expected)
     assert ann["bbox"] == _tight_bbox(expected)
     assert ann["area"] == int(expected.sum())
@@ -65,14 +66,14 @@ def test_occlusion_visible_part_and_semantic_labels():
     bg = np.zeros((60, 60, 3), np.uint8)
     below = _disc_layer(radius=15, x=5, y=5, label=0)
     above = _disc_layer(radius=15, x=20, y=20, label=6, colour=(10, 200, 10))
-    comp = E.composite(bg, [below, above])
+    comp = C.composite(bg, [below, above])
     m0 = _paste_alpha(below, (60, 60)) >= 0.5
     a1 = _paste_alpha(above, (60, 60))
     m1 = a1 >= 0.5
     assert np.array_equal(comp.objects[0].visible, m0 & ~m1)
     assert np.array_equal(comp.objects[1].visible, m1)
     assert (m0 & m1).any() and comp.objects[0].keep and comp.objects[1].keep
-    ann0 = E.coco_annotation(comp.objects[0])
+    ann0 = C.coco_annotation(comp.objects[0])
     assert ann0["bbox"] == _tight_bbox(m0 & ~m1) and ann0["area"] == int((m0 & ~m1).sum())
     sem = comp.semantic
     soft = (a1 > 0.1) & (a1 < 0.9)
@@ -86,8 +87,8 @@ def test_occlusion_visible_part_and_semantic_labels():
 def test_nearly_hidden_object_is_not_annotated_and_ignored_in_semantic():
     bg = np.zeros((50, 50, 3), np.uint8)
     small = _disc_layer(radius=5, x=20, y=20, label=1)
-    cover = E.Layer(np.dstack([np.full((30, 19, 3), 255, np.float32), np.ones((30, 19), np.float32)]), 10, 10, 2)
-    comp = E.composite(bg, [small, cover], min_visible_area=10, min_visible_fraction=0.15)
+    cover = C.Layer(np.dstack([np.full((30, 19, 3), 255, np.float32), np.ones((30, 19), np.float32)]), 10, 10, 2)
+    comp = C.composite(bg, [small, cover], min_visible_area=10, min_visible_fraction=0.15)
     hidden = comp.objects[0]
     assert hidden.visible.sum() > 0 and not hidden.keep  # a sliver sticks out on the right
     assert (comp.semantic[hidden.visible] == 255).all()
