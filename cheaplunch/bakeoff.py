@@ -410,6 +410,7 @@ class ArmResult:
     verdict: str | None = None
     control: str | None = None  # positive | negative (the protocol's controls), else None
     control_passed: bool | None = None
+    control_threshold: float | None = None  # positive control: the gain it needs (POSITIVE_MARGIN x the larger seed SD)
 
     @property
     def total_flops(self) -> float:
@@ -453,8 +454,8 @@ def judge_control(row: ArmResult, scratch: list[float]) -> None:
     row.verdict = verdict(row.vs_scratch_plain)
     if row.arm == POSITIVE_CONTROL:
         row.control = "positive"
-        spread = max(row.interval.sd, t_interval(scratch).sd)
-        row.control_passed = row.vs_scratch_plain.mean > POSITIVE_MARGIN * spread and row.interval.n > 1
+        row.control_threshold = POSITIVE_MARGIN * max(row.interval.sd, t_interval(scratch).sd)
+        row.control_passed = row.vs_scratch_plain.mean > row.control_threshold and row.interval.n > 1
     else:
         row.control = "negative"
         row.control_passed = row.verdict == TIE

@@ -42,8 +42,8 @@ def control_lines(rows: list[ArmResult], s: Settings) -> list[str]:
         diff = r.vs_scratch_plain.format(scale=100)
         if r.control == "positive":
             lines.append(f"- Positive control ({where}): {s.control_method} pre-training for {s.control_factor:g}x the "
-                         f"budget minus scratch = {diff} (paired); needs more than {POSITIVE_MARGIN:g} seed SDs "
-                         f"({100 * r.interval.sd:.2f} control, seed SDs of both arms taken): "
+                         f"budget minus scratch = {diff} (paired); needs a mean gain above {POSITIVE_MARGIN:g} x the "
+                         f"larger seed SD of the two arms = {100 * (r.control_threshold or 0.0):.2f}: "
                          f"**{'passed' if r.control_passed else 'FAILED: the protocol cannot see a real gain'}**.")
         else:
             lines.append(f"- Negative control ({where}): scratch with seeds {NEGATIVE_SEED_OFFSET}.. minus scratch = "

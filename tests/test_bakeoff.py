@@ -112,6 +112,7 @@ def test_controls_are_judged_against_plain_scratch():
                                          "control_scratch": [0.11, 0.10, 0.12]}, "detection", 1.0, archs, {})}
     assert rows["control_long"].control == "positive" and rows["control_long"].control_passed
     assert rows["control_long"].vs_scratch_plain.mean == pytest.approx(0.10)
+    assert rows["control_long"].control_threshold == pytest.approx(3 * 0.01)  # 3 x the larger seed SD (both 0.01)
     assert rows["control_long"].vs_scratch_equal is None  # not compared at equal compute: it had 10x the budget
     assert rows["control_scratch"].control == "negative" and rows["control_scratch"].control_passed
     assert rows["control_scratch"].verdict == TIE
