@@ -85,7 +85,7 @@ def write_report(records: list[dict]) -> None:
         for c in r["curve"]:
             lines.append(f"| {r['name']} | {r['task']}{'/' + r['detector'] if r['detector'] else ''} | "
                          f"{d['train_images']}/{d['val_images']}, {d['image_size']}, 1-{d['max_objects']}, "
-                         f"{'-'.join(f'{x:g}' for x in d.get('scale', (0.18, 0.6)))} | {c['step']} | "
+                         f"{'-'.join(f'{x:g}' for x in d['scale'])} | {c['step']} | "
                          f"{c['minutes']} | {c.get('AP', '')} | {c.get('AP50', '')} | {c.get('mIoU', '')} |")
     lines += ["", "Overrides of each setting:", ""]
     lines += [f"- `{r['name']}`: `{' '.join(r['overrides'])}`" for r in records]
@@ -109,6 +109,8 @@ def write_report(records: list[dict]) -> None:
 
 
 def main() -> None:
+    from tools.embedded import EmbeddedConfig
+
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
@@ -121,8 +123,8 @@ def main() -> None:
     p.add_argument("--val-images", type=int, default=100)
     p.add_argument("--max-objects", type=int, default=2)
     p.add_argument("--data-seed", type=int, default=3)
-    p.add_argument("--scale", type=float, nargs=2, default=(0.18, 0.6), metavar=("LOW", "HIGH"),
-                   help="object long side / image side of the embedded set (default 0.18 0.6)")
+    p.add_argument("--scale", type=float, nargs=2, default=EmbeddedConfig.scale, metavar=("LOW", "HIGH"),
+                   help="object long side / image side of the embedded set (default: the builder's, %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--val-every", type=int, default=150)
