@@ -432,15 +432,16 @@ def summarise(values: dict[str, list[float]], task: str, fraction: float, archs:
         row = ArmResult(task, fraction, arm, archs.get(arm, ""), vals, t_interval(vals), c.get("pretrain_flops"),
                         c.get("pretrain_seconds"), c.get("finetune_flops"))
         if not arm.startswith("scratch"):
+            is_control = arm in (POSITIVE_CONTROL, NEGATIVE_CONTROL)
             same = [a for a in values if a.startswith("scratch") and archs.get(a) == archs.get(arm)]
             equal = next((a for a in same if a.startswith("scratch+")), None)
             plain = next((a for a in same if not a.startswith("scratch+")), None)
-            if equal and len(values[equal]) == len(vals) and arm not in (POSITIVE_CONTROL, NEGATIVE_CONTROL):
+            if equal and len(values[equal]) == len(vals) and not is_control:
                 row.vs_scratch_equal = paired_difference(vals, values[equal])
                 row.verdict = verdict(row.vs_scratch_equal)
             if plain and len(values[plain]) == len(vals):
                 row.vs_scratch_plain = paired_difference(vals, values[plain])
-                if arm in (POSITIVE_CONTROL, NEGATIVE_CONTROL):
+                if is_control:
                     judge_control(row, values[plain])
         rows.append(row)
     return rows
