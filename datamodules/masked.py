@@ -63,7 +63,8 @@ def random_resized_crop_box(
     draw key, in any worker: (x, y, width, height)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(rng.integers(2**63 - 1)))
-        top, left, ch, cw = RandomResizedCrop.get_params(torch.empty(1, h, w), list(scale), list(ratio))
+        size_only = torch.empty(1, 1, 1).expand(1, h, w)  # get_params reads only the size: no h x w buffer
+        top, left, ch, cw = RandomResizedCrop.get_params(size_only, list(scale), list(ratio))
     return int(left), int(top), int(cw), int(ch)
 
 
