@@ -125,9 +125,6 @@ class WarmupCosineLR(Callback):
                     warmup_start_factor=self.warmup_start_factor, min_lr_factor=self.min_lr_factor, name=self.name,
                     milestones=self.milestones, gamma=self.gamma)
 
-    def lr_at(self, step: int) -> float:
-        return scheduled_lr(step, **self.schedule())
-
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         for scheduler in self.schedulers:
             scheduler.step_update(trainer.global_step)
