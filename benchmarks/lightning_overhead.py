@@ -31,7 +31,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from callbacks.lr_schedule import WarmupCosineLR, scheduled_lr  # noqa: E402
+from callbacks.lr_schedule import WarmupCosineLR, timm_scheduler  # noqa: E402
 from cheaplunch.config import load_config  # noqa: E402
 from cheaplunch.registry import METHODS  # noqa: E402
 from datamodules.classification_pretrain import SupervisedBatch  # noqa: E402
@@ -90,16 +90,14 @@ def run_plain(cfg, loader: DataLoader, total: int, warmup: int) -> tuple[list[fl
     module = fresh_module(cfg)
     module.train()
     optimizer = module.configure_optimizers()
-    peak = module.peak_lr
+    scheduler = timm_scheduler(optimizer, base_lr=module.peak_lr, total_steps=total,
+                               warmup_steps=int(cfg.schedule.warmup_steps), name=str(cfg.schedule.name))
     clock = Clock()
     step = 0
     while step < total:
         for batch in loader:
             clock.tick()
-            lr = scheduled_lr(step, base_lr=peak, total_steps=total, warmup_steps=int(cfg.schedule.warmup_steps),
-                              name=str(cfg.schedule.name))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            scheduler.step_update(step)
             loss = module.compute_losses(batch)["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
