@@ -15,6 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from cheaplunch.bakeoff import Settings
 from cheaplunch.cli import run_cli
 
 
@@ -58,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "and a negative one (scratch with other seeds, must tie with scratch)")
     parser.add_argument("--control-method", default="supervised",
                         help="pre-training of the positive control, on the default architecture (default supervised)")
-    parser.add_argument("--control-factor", type=float, default=10.0,
-                        help="the positive control's pre-training compute in budgets (default 10)")
+    parser.add_argument("--control-factor", type=float, default=Settings.control_factor,
+                        help=f"the positive control's pre-training compute in budgets (default {Settings.control_factor:g})")
     parser.add_argument("--dry-run", action="store_true",
                         help="run the 8-step probes, print the plan with each arm's measured cost and the "
                              "estimated total, and stop")
@@ -75,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
             PROBE_STEPS,
             TASKS,
             BakeOff,
-            Settings,
             default_data,
             parse_budget,
             parse_inits,
