@@ -11,11 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from cheaplunch.cli import add_overrides_argument, add_run_arguments, flag_overrides, run_cli
+from cheaplunch.cli import add_overrides_argument, add_run_arguments, config_flags, run_cli
 from cheaplunch.registry import TASKS, describe, lookup
 from common.errors import UserError
-
-DETECTORS = ("retinanet", "faster_rcnn", "mask_rcnn")
+from models import DETECTORS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,13 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--task is required (choices: {', '.join(sorted(TASKS))})")
         from cheaplunch.finetune import run_finetune
 
-        run_finetune(
-            args.task, backbone=args.backbone, detector=args.detector, arch=args.arch, data=args.data,
-            config=args.config, logger=args.logger, devices=args.devices, num_nodes=args.num_nodes, seed=args.seed,
-            out=Path(args.out) if args.out else None, resume=args.resume, label_fraction=args.label_fraction,
-            label_count=args.label_count, eval_only=args.eval_only, checkpoint=args.checkpoint,
-            overrides=[*flag_overrides(args), *args.overrides],
-        )
+        run_finetune(args.task, backbone=args.backbone, arch=args.arch, config=args.config,
+                     out=Path(args.out) if args.out else None, resume=args.resume, eval_only=args.eval_only,
+                     checkpoint=args.checkpoint, overrides=args.overrides, **config_flags(args))
 
     return run_cli(body)
 

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cheaplunch.cli import add_overrides_argument, add_run_arguments, flag_overrides, run_cli
+from cheaplunch.cli import add_overrides_argument, add_run_arguments, config_flags, run_cli
 from cheaplunch.registry import METHODS, describe
 
 
@@ -43,12 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         from cheaplunch.pretrain import run_pretraining
 
-        run_pretraining(
-            method=args.method, data=args.data, config=args.config, logger=args.logger,
-            devices=args.devices, num_nodes=args.num_nodes, seed=args.seed,
-            out=Path(args.out) if args.out else None, resume=args.resume, preview=args.preview,
-            overrides=[*flag_overrides(args), *args.overrides],
-        )
+        run_pretraining(args.method, config=args.config, out=Path(args.out) if args.out else None,
+                        resume=args.resume, preview=args.preview, overrides=args.overrides, **config_flags(args))
 
     return run_cli(body)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from common.errors import UserError
 
@@ -26,9 +27,32 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, default_out: str, seed
                              "$CHEAPLUNCH_CACHE or ~/.cache/cheaplunch); the dataset folder is never written")
 
 
-def flag_overrides(args: argparse.Namespace) -> list[str]:
-    """The flags that are plain config keys, as ``key=value`` overrides (explicit ones given after win)."""
-    return [f"data.cache_dir={args.cache_dir}"] if getattr(args, "cache_dir", None) else []
+# The flags that are config keys: option name -> dotted key. The one way a flag reaches the config is as a
+# ``key=value`` override placed before the explicit ones (which win), for the CLI and the Python API alike.
+FLAG_KEYS = {
+    "data": "data.root",
+    "cache_dir": "data.cache_dir",
+    "devices": "trainer.devices",
+    "num_nodes": "trainer.num_nodes",
+    "seed": "seed",
+    "logger": "logging.logger",
+    "detector": "model.detector",
+    "label_fraction": "data.label_fraction",
+    "label_count": "data.label_count",
+}
+
+
+def flag_overrides(overrides: Sequence[str] = (), **flags: Any) -> list[str]:
+    """``flags`` (the options of FLAG_KEYS; None = not given) as dotted overrides, then ``overrides``."""
+    unknown = sorted(set(flags) - set(FLAG_KEYS))
+    if unknown:
+        raise TypeError(f"not a config flag: {', '.join(unknown)} (known: {', '.join(FLAG_KEYS)})")
+    return [f"{FLAG_KEYS[name]}={value}" for name, value in flags.items() if value is not None] + list(overrides)
+
+
+def config_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed options that are config keys (FLAG_KEYS), as keyword arguments of run_pretraining / run_finetune."""
+    return {name: value for name, value in vars(args).items() if name in FLAG_KEYS}
 
 
 def add_overrides_argument(parser: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cheaplunch.checks import check_config
+from cheaplunch.cli import flag_overrides
 from cheaplunch.config import _load_yaml, _merge, load_config
 from cheaplunch.registry import TASKS, Entry, lookup
 from cheaplunch.runner import (
-    apply_cli_overrides,
     apply_slurm_environment,
     build_trainer,
     default_run_dir,
@@ -39,12 +40,11 @@ from cheaplunch.runner import (
     write_run_config,
 )
 from common.errors import UserError
+from models import DETECTORS
 from models.backbone_loading import SCRATCH, BackboneSource, resolve_backbone
 from models.export import load_state_strict, load_weights
 
 log = logging.getLogger("cheaplunch")
-
-DETECTOR_CHOICES = ("retinanet", "faster_rcnn", "mask_rcnn")
 
 
 @dataclass
@@ -54,25 +54,23 @@ class FinetuneResult:
     checkpoint: Path | None
 
 
-def _task_overrides(task: str, detector: str | None, arch: str | None, label_fraction: float | None,
-                    label_count: int | None) -> list[str]:
-    """The task-specific flags as dotted overrides (placed before explicit key=value arguments)."""
-    flags: list[str] = []
+def check_task_flags(task: str | None, *, eval_only: bool, arch: str | None, detector: str | None = None,
+                     label_fraction: float | None = None, label_count: int | None = None) -> None:
+    """The task flags' own rules, checked before they become overrides (a flag that would be ignored is an error)."""
+    if eval_only:
+        given = [name for name, value in (("--arch", arch), ("--detector", detector),
+                                          ("--label-fraction", label_fraction), ("--label-count", label_count))
+                 if value is not None]
+        if given:
+            raise UserError(f"{', '.join(given)}: training options; --eval-only evaluates the checkpoint as it was "
+                            "trained")
     if detector is not None:
         if task != "detection":
             raise UserError(f"--detector applies to --task detection only (got --task {task})")
-        if detector not in DETECTOR_CHOICES:
-            raise UserError(f"--detector must be one of {', '.join(DETECTOR_CHOICES)}, got '{detector}'")
-        flags.append(f"model.detector={detector}")
-    if arch is not None:
-        flags.append(f"model.arch={arch}")
+        if detector not in DETECTORS:
+            raise UserError(f"--detector must be one of {', '.join(DETECTORS)}, got '{detector}'")
     if label_fraction is not None and label_count is not None:
         raise UserError("give --label-fraction or --label-count, not both")
-    if label_fraction is not None:
-        flags.append(f"data.label_fraction={label_fraction}")
-    if label_count is not None:
-        flags.append(f"data.label_count={label_count}")
-    return flags
 
 
 def _set(cfg: DictConfig, key: str, value: Any) -> None:
@@ -135,40 +133,34 @@ def run_finetune(
     task: str | None,
     *,
     backbone: str | None = None,
-    detector: str | None = None,
     arch: str | None = None,
-    data: str | None = None,
     config: str | None = None,
-    logger: str | None = None,
-    devices: int | None = None,
-    num_nodes: int | None = None,
-    seed: int | None = None,
     out: Path | str | None = None,
     resume: str = "auto",
-    label_fraction: float | None = None,
-    label_count: int | None = None,
     eval_only: bool = False,
     checkpoint: str | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
+    overrides: Sequence[str] = (),
+    **flags: Any,
 ) -> FinetuneResult:
-    """Fine-tune (or with `eval_only`, evaluate `checkpoint`) and write results.json; see the module docstring."""
+    """Fine-tune (or with `eval_only`, evaluate `checkpoint`) and write results.json; see the module docstring.
+    ``flags`` are the config flags of the CLI (data=, seed=, logger=, detector=, label_fraction=, ... see
+    cheaplunch.cli.FLAG_KEYS), applied as overrides before ``overrides``; ``arch`` picks the backbone's
+    architecture (default: the one recorded with the backbone, else model.arch)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_task_flags(task, eval_only=eval_only, arch=arch, **{name: flags.get(name) for name in
+                                                               ("detector", "label_fraction", "label_count")})
+    overrides = flag_overrides(overrides, **flags)
     if eval_only:
         if backbone not in (None, SCRATCH) and backbone:
             raise UserError("--eval-only evaluates --checkpoint; --backbone is for training")
-        return evaluate_checkpoint(task, checkpoint, data=data, config=config, logger=logger, devices=devices,
-                                   num_nodes=num_nodes, out=out, overrides=overrides)
+        return evaluate_checkpoint(task, checkpoint, config=config, out=out, overrides=overrides)
     if checkpoint is not None:
         raise UserError("--checkpoint is for --eval-only; to continue a run use --resume CKPT, to start from "
                         "pre-trained weights use --backbone PATH")
     if task is None:
         raise UserError(f"--task is required (choices: {', '.join(sorted(TASKS))})")
     entry = lookup(TASKS, task, "task")
-    flags = _task_overrides(task, detector, arch, label_fraction, label_count)
-    cfg = load_config(entry.config_path, config, apply_cli_overrides(
-        flags + list(overrides), devices=devices, num_nodes=num_nodes, seed=seed, data=data))
-    if logger is not None:
-        cfg.logging.logger = logger
+    cfg = load_config(entry.config_path, config, overrides)
     check_config(cfg, task=task)
     spec = backbone if backbone is not None else str(cfg.model.backbone)
     source: BackboneSource = resolve_backbone(spec, arch, default_arch=str(cfg.model.arch))
@@ -222,15 +214,12 @@ def evaluate_checkpoint(
     task: str | None,
     checkpoint: str | None,
     *,
-    data: str | None = None,
     config: str | None = None,
-    logger: str | None = None,
-    devices: int | None = None,
-    num_nodes: int | None = None,
     out: Path | str | None = None,
-    overrides: list[str] | tuple[str, ...] = (),
+    overrides: Sequence[str] = (),
 ) -> FinetuneResult:
-    """Evaluate a fine-tuning checkpoint on the val split of its dataset (or `--data`); writes results.json."""
+    """Evaluate a fine-tuning checkpoint on the val split of its dataset (or `--data`); writes results.json.
+    ``overrides`` (e.g. data.root=..., trainer.devices=...) go over the checkpoint's saved config."""
     if checkpoint is None:
         raise UserError("--eval-only needs --checkpoint CKPT (a checkpoint of a finetune.py run)")
     path = Path(checkpoint).expanduser()
@@ -246,14 +235,11 @@ def evaluate_checkpoint(
     entry = lookup(TASKS, saved_task, "task")
     cfg = OmegaConf.create(saved)
     OmegaConf.set_struct(cfg, True)
-    extra = apply_cli_overrides(list(overrides), devices=devices, num_nodes=num_nodes, data=data)
     # The saved config is the base; --config / --data / key=value may change e.g. data.num_workers.
     if config is not None:
         cfg = _merge(cfg, _load_yaml(Path(config)), str(config))
-    if extra:
-        cfg = _merge(cfg, OmegaConf.from_dotlist(extra), f"overrides {extra}")
-    if logger is not None:
-        cfg.logging.logger = logger
+    if overrides:
+        cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), f"overrides {list(overrides)}")
     check_config(cfg, task=saved_task, training=False)
     saved_names = list(cfg.data.class_names or [])
     datamodule = entry.datamodule_class().from_config(cfg)

@@ -10,7 +10,6 @@ import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
@@ -127,14 +126,6 @@ def standard_callbacks(cfg: DictConfig, run_dir: Path, *, export: bool) -> list[
     if int(cfg.logging.flops_steps) > 0:
         callbacks.append(ComputeMeter(run_dir / "compute.json", count=int(cfg.logging.flops_steps)))
     return callbacks
-
-
-def apply_cli_overrides(overrides: list[str], **options: Any) -> list[str]:
-    """Turn the convenience flags (--devices, --seed, ...) into dotted overrides, placed first so that
-    explicit key=value arguments win."""
-    mapping = {"devices": "trainer.devices", "num_nodes": "trainer.num_nodes", "seed": "seed", "data": "data.root"}
-    flags = [f"{mapping[k]}={v}" for k, v in options.items() if v is not None]
-    return flags + list(overrides)
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, callbacks: Sequence[Callback], logger: Logger | bool) -> L.Trainer:

@@ -35,8 +35,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from common.errors import UserError
 from common.images import IMAGENET_MEAN, IMAGENET_STD
+from models import DETECTORS
 
-DETECTORS = ("retinanet", "faster_rcnn", "mask_rcnn")
 HEAD_NORMS = ("none", "gn")  # norm layers of the FPN and heads (see build_detector)
 NORMS = ("frozen_bn", "bn", "syncbn", "gn")
 # Feature strides each detector builds its FPN on (torchvision / Detectron conventions):

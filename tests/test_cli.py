@@ -7,9 +7,9 @@ import pytest
 import yaml
 
 from cheaplunch import CONFIG_DIR, REPO_ROOT
+from cheaplunch.cli import config_flags, flag_overrides
 from cheaplunch.config import load_config
 from cheaplunch.registry import METHODS
-from cheaplunch.runner import apply_cli_overrides
 from common.errors import UserError
 
 
@@ -41,12 +41,26 @@ def test_unknown_override_key_names_the_key():
 def test_config_precedence(tmp_path):
     user = tmp_path / "user.yaml"
     user.write_text(yaml.safe_dump({"optim": {"lr": 0.5}, "trainer": {"max_steps": 7}}))
-    overrides = apply_cli_overrides(["trainer.max_steps=9"], devices=2, seed=3, data=None, num_nodes=None)
+    overrides = flag_overrides(["trainer.max_steps=9"], devices=2, seed=3, data=None, num_nodes=None)
     cfg = load_config(CONFIG_DIR / "montage.yaml", user, overrides)
     assert cfg.optim.lr == 0.5  # --config beats the method default
     assert cfg.trainer.max_steps == 9  # key=value beats --config
     assert cfg.trainer.devices == 2 and cfg.seed == 3  # convenience flags
     assert cfg.optim.weight_decay == pytest.approx(1e-4)  # base default survives
+
+
+def test_flags_reach_the_config_as_overrides_before_the_explicit_ones():
+    from train import build_parser
+
+    args = build_parser().parse_args(["--method", "montage", "--devices", "2", "--seed", "5", "--logger", "none",
+                                      "--cache-dir", "/cache", "trainer.max_steps=3", "seed=6"])
+    overrides = flag_overrides(args.overrides, **config_flags(args))
+    assert sorted(overrides[:4]) == ["data.cache_dir=/cache", "logging.logger=none", "seed=5", "trainer.devices=2"]
+    assert overrides[4:] == ["trainer.max_steps=3", "seed=6"]
+    cfg = load_config(CONFIG_DIR / "montage.yaml", None, overrides)
+    assert cfg.seed == 6 and cfg.logging.logger == "none" and cfg.trainer.devices == 2  # the explicit seed wins
+    with pytest.raises(TypeError, match="colour"):
+        flag_overrides(colour="red")  # the Python API refuses a flag the CLI does not have
 
 
 def test_bad_config_files(tmp_path):

@@ -39,6 +39,7 @@ def test_help_lists_tasks():
     (["--task", "segmentation", "--label-fraction", "0.1", "--label-count", "3"], "not both"),
     (["--eval-only"], "--eval-only needs --checkpoint"),
     (["--eval-only", "--checkpoint", "/no/such.ckpt"], "/no/such.ckpt"),
+    (["--eval-only", "--checkpoint", "/no/such.ckpt", "--detector", "retinanet"], "--detector: training options"),
 ])
 def test_errors_are_one_line(args, fragment, capsys, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
