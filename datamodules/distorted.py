@@ -124,7 +124,7 @@ class DistortedDataModule(L.LightningDataModule):
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.segmentation = SegmentationDataModule(cfg)
+        self.segmentation = SegmentationDataModule.from_config(cfg)
         self.distortion = Distortion.from_config(cfg.data.distortion)
         self.train_set: DistortedData | None = None
 
