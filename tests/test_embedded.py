@@ -14,6 +14,7 @@ from cheaplunch import REPO_ROOT
 from common.errors import DataError, UserError
 from tools.embedded import builder as E
 from tools.embedded import compositing as C
+from tools.embedded import sources as S
 
 
 def _disc_layer(radius: int, x: int, y: int, label: int, colour=(200, 40, 40), soft: float = 2.0) -> C.Layer:
@@ -95,15 +96,15 @@ def test_nearly_hidden_object_is_not_annotated_and_ignored_in_semantic():
 
 
 def test_stamp_list_is_curated_and_splits_are_stamp_disjoint():
-    stamps = E.read_stamp_list()
+    stamps = S.read_stamp_list()
     assert 200 <= len(stamps) <= 350
-    assert {s.cls for s in stamps} == set(E.CLASSES)
-    assert all((E.STAMP_ROOT / s.path).is_file() for s in stamps)
+    assert {s.cls for s in stamps} == set(S.CLASSES)
+    assert all((S.STAMP_ROOT / s.path).is_file() for s in stamps)
     assert not any(s.path.startswith("symbols/") or "/cartoon/" in s.path or s.path.endswith("_mirror.png")
                    for s in stamps)
-    pools = E.split_stamps(stamps)
-    for split in E.SPLITS:
-        assert sorted(pools[split]) == list(range(len(E.CLASSES)))  # every class in both splits
+    pools = S.split_stamps(stamps)
+    for split in S.SPLITS:
+        assert sorted(pools[split]) == list(range(len(S.CLASSES)))  # every class in both splits
     train = {i for v in pools["train"].values() for i in v}
     val = {i for v in pools["val"].values() for i in v}
     assert not train & val and len(train | val) == len(stamps)
@@ -117,15 +118,15 @@ def test_colour_richness_separates_flat_drawings_from_photos():
     flat[..., 3] = 255
     photo = flat.copy()
     photo[..., :3] = rng.integers(0, 256, (64, 64, 3))
-    assert E.colour_richness(flat) < 1 < 2 < E.colour_richness(photo)
+    assert S.colour_richness(flat) < 1 < 2 < S.colour_richness(photo)
 
 
 def test_built_files_match_the_composites(tiny_embedded):
     root = tiny_embedded
     info = E.read_build_info(root)
     cfg = E.EmbeddedConfig.from_settings(info["settings"])
-    comp = E.Compositor(cfg, E.read_stamp_list(), E.load_backgrounds())
-    for split in E.SPLITS:
+    comp = E.Compositor(cfg, S.read_stamp_list(), S.load_backgrounds())
+    for split in S.SPLITS:
         coco = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
         by_image = {}
         for ann in coco["annotations"]:
@@ -152,7 +153,7 @@ def test_built_files_match_the_composites(tiny_embedded):
 def test_semantic_png_consistent_with_instance_masks(tiny_embedded):
     root = tiny_embedded
     n_checked = 0
-    for split in E.SPLITS:
+    for split in S.SPLITS:
         coco = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
         for img in coco["images"]:
             sem = cv2.imread(str(root / "masks" / split / (Path(img["file_name"]).stem + ".png")),
@@ -170,7 +171,7 @@ def test_semantic_png_consistent_with_instance_masks(tiny_embedded):
             labelled = (sem != 0) & (sem != 255)
             assert np.array_equal(sem[labelled], owner[labelled])  # every class pixel is in its instance
             assert (owner[sem == 0] == 0).all()  # background pixels are in no instance
-            assert set(np.unique(sem)) <= set(range(len(E.CLASSES) + 1)) | {255}
+            assert set(np.unique(sem)) <= set(range(len(S.CLASSES) + 1)) | {255}
     assert n_checked > 10
 
 
@@ -180,7 +181,7 @@ def test_layout_split_sizes_and_categories(tiny_embedded):
         coco = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
         assert len(coco["images"]) == n
         assert [c["id"] for c in coco["categories"]] == list(range(1, 11))
-        assert [c["name"] for c in coco["categories"]] == list(E.CLASSES)
+        assert [c["name"] for c in coco["categories"]] == list(S.CLASSES)
         files = sorted(p.name for p in (root / "images" / split).iterdir())
         assert files == sorted(i["file_name"] for i in coco["images"])
         assert sorted(p.stem for p in (root / "masks" / split).iterdir()) == [Path(f).stem for f in files]
@@ -236,20 +237,20 @@ def test_refuses_to_overwrite_a_foreign_dataset(tmp_path):
 
 
 def test_missing_debian_packages_give_the_install_command(tmp_path, monkeypatch):
-    monkeypatch.setattr(E, "STAMP_ROOT", tmp_path / "nope")
+    monkeypatch.setattr(S, "STAMP_ROOT", tmp_path / "nope")
     with pytest.raises(DataError, match="apt-get install -y tuxpaint-stamps-default mate-backgrounds"):
         E.build_embedded(tmp_path / "out", size=2, image_size=64, progress=False)
 
 
 def test_stamp_missing_from_the_package_is_named(tmp_path, monkeypatch):
     tsv = tmp_path / "stamps.tsv"
-    tsv.write_text(E.STAMP_LIST.read_text() + "animals/birds/dodo.png\tbird\n")
-    monkeypatch.setattr(E, "STAMP_LIST", tsv)
+    tsv.write_text(S.STAMP_LIST.read_text() + "animals/birds/dodo.png\tbird\n")
+    monkeypatch.setattr(S, "STAMP_LIST", tsv)
     with pytest.raises(DataError, match=r"1 stamps listed .* missing .*dodo\.png.*apt-get install"):
         E.build_embedded(tmp_path / "out", size=2, image_size=64, progress=False)
     tsv.write_text("animals/birds/crow.png\tdinosaur\n")
     with pytest.raises(DataError, match="stamps.tsv:1: expected"):
-        E.read_stamp_list()
+        S.read_stamp_list()
 
 
 def test_cli_builds_and_writes_a_preview(tmp_path):

@@ -46,7 +46,6 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
-import importlib.util
 import json
 import shutil
 import sys
@@ -57,143 +56,27 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 
 from cheaplunch import DEFAULT_DATA_DIR
 from common.errors import DataError, UserError
 from datamodules.readers import IGNORE_INDEX
 from datamodules.transforms import color_jitter, random_crop_resize, resize
+from tools.embedded import sources
 from tools.embedded.compositing import Composite, Layer, coco_annotation, composite
-
-STAMP_ROOT = Path("/usr/share/tuxpaint/stamps")
-MATE_NATURE_DIR = Path("/usr/share/backgrounds/mate/nature")
-STAMP_LIST = Path(__file__).with_name("stamps.tsv")
-INSTALL_COMMAND = "apt-get install -y tuxpaint-stamps-default mate-backgrounds"
-
-CLASSES: tuple[str, ...] = (
-    "mammal", "bird", "fish", "insect", "flower", "plant", "fruit", "vegetable", "vehicle", "household",
+from tools.embedded.sources import (
+    CLASSES,
+    INSTALL_COMMAND,
+    SPLITS,
+    Background,
+    StampEntry,
+    background_sources,
+    load_backgrounds,
+    load_stamp_rgba,
+    split_stamps,
 )
+
 BUILDER_VERSION = 1
-SPLITS = ("train", "val")
 _SPLIT_CODE = {"train": 1, "val": 2}
-VAL_STAMP_EVERY = 5  # every 5th stamp of a class is reserved for val
-
-MATE_BACKGROUNDS = ("Aqua.jpg", "Blinds.jpg", "Dune.jpg", "GreenMeadow.jpg", "RainDrops.jpg", "Storm.jpg", "Wood.jpg")
-SKIMAGE_BACKGROUNDS = (
-    "astronaut.png", "rocket.jpg", "hubble_deep_field.jpg", "camera.png", "moon.png",
-    "brick.png", "grass.png", "gravel.png",
-)
-SKLEARN_BACKGROUNDS = ("china.jpg",)
-
-
-# ----------------------------------------------------------------------------------------- stamps
-@dataclass(frozen=True)
-class StampEntry:
-    path: str  # relative to STAMP_ROOT
-    cls: str
-
-
-def read_stamp_list(path: Path | None = None) -> list[StampEntry]:
-    """The curated stamps (default ``STAMP_LIST``), in file order; ``#`` comments and the header skipped."""
-    path = STAMP_LIST if path is None else path
-    entries = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip() or line.startswith("#") or line == "path\tclass":
-            continue
-        parts = line.split("\t")
-        if len(parts) != 2 or parts[1] not in CLASSES:
-            raise DataError(f"{path}:{n}: expected '<path>\\t<class in {CLASSES}>', got {line!r}")
-        entries.append(StampEntry(parts[0], parts[1]))
-    return entries
-
-
-def load_stamp_rgba(path: Path) -> np.ndarray | None:
-    """A stamp as HxWx4 uint8 RGBA, or None if it has no transparency (then it is not a cut-out)."""
-    try:
-        with Image.open(path) as im:
-            has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
-            if not has_alpha:
-                return None
-            return np.asarray(im.convert("RGBA"))
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read stamp ({exc})") from exc
-
-
-def colour_richness(rgba: np.ndarray) -> float:
-    """Unique colours (5 bits per channel) inside the alpha >= 128 mask / sqrt(mask area).
-
-    Flat-shaded drawings score below 2, photographs above (the curation filter)."""
-    mask = rgba[..., 3] >= 128
-    area = int(mask.sum())
-    if area == 0:
-        return 0.0
-    q = (rgba[..., :3][mask] >> 3).astype(np.int32)
-    unique = np.unique((q[:, 0] << 10) | (q[:, 1] << 5) | q[:, 2]).size
-    return float(unique / np.sqrt(area))
-
-
-def split_stamps(stamps: list[StampEntry]) -> dict[str, dict[int, list[int]]]:
-    """Per split, class index -> indices into ``stamps``. Every ``VAL_STAMP_EVERY``-th stamp of a class
-    (in list order) is val-only; a class with 2..4 stamps gives its last one to val."""
-    pools: dict[str, dict[int, list[int]]] = {s: {} for s in SPLITS}
-    for label, cls in enumerate(CLASSES):
-        members = [i for i, s in enumerate(stamps) if s.cls == cls]
-        for k, i in enumerate(members):
-            to_val = k % VAL_STAMP_EVERY == VAL_STAMP_EVERY - 1 or (
-                1 < len(members) < VAL_STAMP_EVERY and k == len(members) - 1
-            )
-            pools["val" if to_val else "train"].setdefault(label, []).append(i)
-    return pools
-
-
-# ------------------------------------------------------------------------------------ backgrounds
-@dataclass
-class Background:
-    name: str
-    image: np.ndarray  # HxWx3 uint8 RGB
-    gray: bool  # a grey texture: tinted with a random colour when used
-
-
-def _read_background(path: Path, reduce: bool = False) -> np.ndarray:
-    flags = cv2.IMREAD_REDUCED_COLOR_2 if reduce else cv2.IMREAD_COLOR
-    img = cv2.imread(str(path), flags)
-    if img is None:
-        raise DataError(f"{path}: cannot read background image")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def _package_dir(name: str) -> Path:
-    """Install folder of a package, found without importing it (sklearn takes a second to import)."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"python package {name} is not installed (pip install -r requirements.txt)")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def background_sources() -> list[tuple[str, Path]]:
-    """(name, path) of every background photo, in a fixed order; raises if mate-backgrounds is missing."""
-    sources = []
-    missing = [n for n in MATE_BACKGROUNDS if not (MATE_NATURE_DIR / n).is_file()]
-    if missing:
-        raise DataError(
-            f"background photos missing from {MATE_NATURE_DIR} ({', '.join(missing)}): install the Debian "
-            f"packages (as root): {INSTALL_COMMAND}"
-        )
-    sources += [(f"mate/{n}", MATE_NATURE_DIR / n) for n in MATE_BACKGROUNDS]
-    sk_dir = _package_dir("skimage") / "data"
-    sources += [(f"skimage/{n}", sk_dir / n) for n in SKIMAGE_BACKGROUNDS if (sk_dir / n).is_file()]
-    sl_dir = _package_dir("sklearn") / "datasets" / "images"
-    sources += [(f"sklearn/{n}", sl_dir / n) for n in SKLEARN_BACKGROUNDS if (sl_dir / n).is_file()]
-    return sources
-
-
-def load_backgrounds() -> list[Background]:
-    out = []
-    for name, path in background_sources():
-        img = _read_background(path, reduce=name.startswith("mate/"))  # mate photos are 1280..2560 px wide
-        gray = bool(np.abs(img[..., 0].astype(np.int16) - img[..., 2]).max() <= 2)
-        out.append(Background(name, img, gray))
-    return out
 
 
 # ------------------------------------------------------------------------------------ the builder
@@ -230,11 +113,12 @@ class Compositor:
     cfg: EmbeddedConfig
     stamps: list[StampEntry]
     backgrounds: list[Background]
-    stamp_root: Path = STAMP_ROOT
+    stamp_root: Path | None = None  # default: sources.STAMP_ROOT
     _cache: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.pools = split_stamps(self.stamps)
+        self.stamp_root = sources.STAMP_ROOT if self.stamp_root is None else self.stamp_root
 
     def stamp(self, i: int) -> np.ndarray:
         """Stamp ``i`` cropped to its alpha, at most ``image_size`` on its long side, premultiplied float32."""
@@ -242,7 +126,7 @@ class Compositor:
             path = self.stamp_root / self.stamps[i].path
             if not path.is_file():
                 raise DataError(
-                    f"stamp {path} listed in {STAMP_LIST.name} is missing: install (as root) "
+                    f"stamp {path} listed in {sources.STAMP_LIST.name} is missing: install (as root) "
                     f"{INSTALL_COMMAND}, or re-run python -m tools.embedded.curate_stamps for this package "
                     "version"
                 )
@@ -301,26 +185,12 @@ class Compositor:
         return composite(bg, layers, min_area, self.cfg.min_visible_fraction)
 
 
-def check_system_data() -> None:
-    """Fail with the install command when the Debian packages are missing."""
-    if not STAMP_ROOT.is_dir():
-        raise DataError(
-            f"Tux Paint stamps not found at {STAMP_ROOT}: the embedded dataset needs the Debian packages; "
-            f"install them (as root): {INSTALL_COMMAND}"
-        )
-    if not MATE_NATURE_DIR.is_dir():
-        raise DataError(
-            f"MATE background photos not found at {MATE_NATURE_DIR}: the embedded dataset needs the Debian "
-            f"packages; install them (as root): {INSTALL_COMMAND}"
-        )
-
-
 def build_settings(cfg: EmbeddedConfig, backgrounds: list[str]) -> dict:
     settings = asdict(cfg)
     settings["scale"] = list(cfg.scale)
     settings["val_size"] = cfg.n_images("val")
     settings["builder_version"] = BUILDER_VERSION
-    settings["stamps_sha256"] = hashlib.sha256(STAMP_LIST.read_bytes()).hexdigest()
+    settings["stamps_sha256"] = hashlib.sha256(sources.STAMP_LIST.read_bytes()).hexdigest()
     settings["backgrounds"] = backgrounds
     return settings
 
@@ -397,7 +267,7 @@ def build_embedded(
     root = Path(out_dir)
     cfg = EmbeddedConfig(size=size, val_size=val_size, seed=seed, image_size=image_size, max_objects=max_objects,
                          scale=(float(scale[0]), float(scale[1])))
-    check_system_data()
+    sources.check_system_data()
     with _locked(root):
         settings = build_settings(cfg, [name for name, _ in background_sources()])
         if not force and is_built(root, settings):
@@ -412,14 +282,7 @@ def build_embedded(
 def _build(root: Path, cfg: EmbeddedConfig, settings: dict, progress: bool) -> None:
     from tqdm import tqdm
 
-    stamps = read_stamp_list()
-    missing = [s.path for s in stamps if not (STAMP_ROOT / s.path).is_file()]
-    if missing:
-        raise DataError(
-            f"{len(missing)} stamps listed in {STAMP_LIST} are missing from {STAMP_ROOT} (e.g. {missing[0]}): "
-            f"install (as root) {INSTALL_COMMAND}, or re-run python -m tools.embedded.curate_stamps for this "
-            "package version"
-        )
+    stamps = sources.installed_stamps()
     info_path = root / "build_info.json"
     info_path.write_text(json.dumps({"settings": settings, "complete": False}, indent=1))
     for p in _outputs(root):
@@ -428,7 +291,7 @@ def _build(root: Path, cfg: EmbeddedConfig, settings: dict, progress: bool) -> N
         elif p.exists():
             p.unlink()
     backgrounds = load_backgrounds()
-    compositor = Compositor(cfg, stamps, backgrounds, STAMP_ROOT)
+    compositor = Compositor(cfg, stamps, backgrounds, sources.STAMP_ROOT)
     start = time.perf_counter()
     counts = {}
     total = sum(cfg.n_images(s) for s in SPLITS)

@@ -25,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tools.embedded.builder import (
+from tools.embedded.sources import (
     CLASSES,
     STAMP_LIST,
     STAMP_ROOT,
