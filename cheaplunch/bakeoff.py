@@ -280,10 +280,20 @@ class BakeOff:
         """Pre-training and fine-tuning runs, and the budget arithmetic behind them (from the probes)."""
         s, info = self.s, {"pretrain_steps": {}, "pretrain_flops": {}, "scratch_plus_steps": {}}
         runs: list[Run] = []
+
+        def budget_steps(probe: str, factor: float = 1.0) -> tuple[int, float]:
+            """(steps, FLOPs) of `factor` budgets for the run the probe measured."""
+            flops, _ = self.per_step(probes[probe])
+            steps = max(1, round(factor * (s.budget.steps if s.budget.steps is not None else s.budget.flops / flops)))
+            return steps, steps * flops
+
+        def pretrain_run(name: str, args: list[str], arch: str, steps: int, probe: str) -> Run:
+            """A pre-training into <out>/pretrain/<name>; its length comes last, so no override can change it."""
+            return Run(f"pretrain/{name}", "pretrain", "train.py", [*args, f"trainer.max_steps={steps}"],
+                       s.out / "pretrain" / name, arch, steps, probe)
+
         for m in self.pretrain_methods:
-            flops, _ = self.per_step(probes[f"probe/pretrain/{m}"])
-            steps = s.budget.steps if s.budget.steps is not None else max(1, round(s.budget.flops / flops))
-            info["pretrain_steps"][m], info["pretrain_flops"][m] = steps, steps * flops
+            info["pretrain_steps"][m], info["pretrain_flops"][m] = budget_steps(f"probe/pretrain/{m}")
         budget_by_arch = {arch: max([info["pretrain_flops"][m] for m in self.pretrain_methods
                                      if self.archs[m] == arch] or [s.budget.flops or 0.0])
                           for arch in self.scratch_archs}
@@ -293,19 +303,14 @@ class BakeOff:
                 if any(r.key == f"pretrain/{sub}" for r in runs):
                     continue
                 extra = [f"data.label_fraction={fraction}"] if fraction < 1.0 and m in LABEL_USING else []
-                runs.append(Run(f"pretrain/{sub}", "pretrain", "train.py",
-                                ["--method", m, *self.common, "--seed", "0",
-                                 f"trainer.max_steps={info['pretrain_steps'][m]}", *extra, *s.pretrain_overrides],
-                                s.out / "pretrain" / sub, self.archs[m], info["pretrain_steps"][m],
-                                f"probe/pretrain/{m}"))
+                runs.append(pretrain_run(sub, ["--method", m, *self.common, "--seed", "0", *extra,
+                                               *s.pretrain_overrides],
+                                         self.archs[m], info["pretrain_steps"][m], f"probe/pretrain/{m}"))
         if s.controls:
-            flops, _ = self.per_step(probes[f"probe/pretrain/{POSITIVE_CONTROL}"])
-            budget_steps = s.budget.steps if s.budget.steps is not None else s.budget.flops / flops
-            steps = max(1, round(s.control_factor * budget_steps))
-            info["pretrain_steps"][POSITIVE_CONTROL], info["pretrain_flops"][POSITIVE_CONTROL] = steps, steps * flops
-            runs.append(Run(f"pretrain/{POSITIVE_CONTROL}", "pretrain", "train.py",
-                            [*self.control_args(), f"trainer.max_steps={steps}"], s.out / "pretrain" / POSITIVE_CONTROL,
-                            self.default_arch, steps, f"probe/pretrain/{POSITIVE_CONTROL}"))
+            probe = f"probe/pretrain/{POSITIVE_CONTROL}"
+            steps, flops = budget_steps(probe, s.control_factor)
+            info["pretrain_steps"][POSITIVE_CONTROL], info["pretrain_flops"][POSITIVE_CONTROL] = steps, flops
+            runs.append(pretrain_run(POSITIVE_CONTROL, self.control_args(), self.default_arch, steps, probe))
         for task in s.tasks:
             plain = self.plain_steps(task)
             for fraction in s.label_fractions:
