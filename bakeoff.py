@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from cheaplunch.bakeoff import Settings
+from cheaplunch.bakeoff import CONTROL_METHODS, Settings
 from cheaplunch.cli import run_cli
 
 
@@ -57,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the protocol's controls (default on): a positive control (--control-method pre-trained "
                              "for --control-factor x the budget on every label, must beat scratch by > 3 seed SDs) "
                              "and a negative one (scratch with other seeds, must tie with scratch)")
-    parser.add_argument("--control-method", default="supervised",
-                        help="pre-training of the positive control, on the default architecture (default supervised)")
+    parser.add_argument("--control-method", default=Settings.control_method, choices=CONTROL_METHODS,
+                        help="pre-training of the positive control, on the default architecture: a method, or "
+                             "detection (the detection protocol trained from scratch; its backbone is fine-tuned "
+                             f"again) (default {Settings.control_method})")
     parser.add_argument("--control-factor", type=float, default=Settings.control_factor,
                         help=f"the positive control's pre-training compute in budgets (default {Settings.control_factor:g})")
     parser.add_argument("--dry-run", action="store_true",

@@ -41,6 +41,11 @@ HEADLINE = {"detection": ("bbox", "AP"), "segmentation": ("mIoU",)}
 POSITIVE_CONTROL, NEGATIVE_CONTROL = "control_long", "control_scratch"
 POSITIVE_MARGIN = 3.0
 NEGATIVE_SEED_OFFSET = 100  # the negative control fine-tunes scratch with seeds 100, 101, ...
+# The positive control's pre-training: a pre-training method, or "detection": the detection protocol's detector
+# trained from scratch on the train split (every label), whose backbone the control fine-tunes again. The task
+# itself is the pre-training surest to transfer; a supervised control (object crops) did not transfer at all
+# (benchmarks/results/bakeoff_controls).
+CONTROL_METHODS = (*METHODS, "detection")
 LABEL_USING = ("montage", "supervised", "contrastive")  # pre-train on the labelled subset only
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # a dotted key=value config override
 PROBE_STEPS = 8  # FLOPs per step counted on steps 1..3 (ComputeMeter skips step 0), seconds per step timed on 4..7
@@ -115,8 +120,9 @@ class Settings:
         for f in self.label_fractions:
             if not 0.0 < f <= 1.0:
                 raise UserError(f"--label-fractions: {f} is not in (0, 1]")
-        if self.controls and self.control_method not in METHODS:
-            raise UserError(f"--control-method must be one of {', '.join(METHODS)}, got '{self.control_method}'")
+        if self.controls and self.control_method not in CONTROL_METHODS:
+            raise UserError(f"--control-method must be one of {', '.join(CONTROL_METHODS)}, "
+                            f"got '{self.control_method}'")
         if self.controls and self.control_factor <= 1:
             raise UserError(f"--control-factor must exceed 1 (the positive control's pre-training is this many "
                             f"times the budget), got {self.control_factor:g}")
@@ -241,8 +247,11 @@ class BakeOff:
                     self.s.out / "probe" / "pretrain" / m, self.archs[m], PROBE_STEPS, f"probe/pretrain/{m}")
                 for m in self.pretrain_methods]
         if self.s.controls:
-            runs.append(Run(f"probe/pretrain/{POSITIVE_CONTROL}", "probe", "train.py",
-                            [*self.control_args(), *quick], self.s.out / "probe" / "pretrain" / POSITIVE_CONTROL,
+            script, args = self.control_command()
+            runs.append(Run(f"probe/pretrain/{POSITIVE_CONTROL}", "probe", script,
+                            [*args, *quick, "trainer.val_check_interval=1000000", "trainer.limit_val_batches=1"]
+                            if script == "finetune.py" else [*args, *quick],
+                            self.s.out / "probe" / "pretrain" / POSITIVE_CONTROL,
                             self.default_arch, PROBE_STEPS, f"probe/pretrain/{POSITIVE_CONTROL}"))
         for task in self.s.tasks:
             for arch in self.scratch_archs:
@@ -252,12 +261,15 @@ class BakeOff:
                                 self.s.out / "probe" / task / arch, arch, PROBE_STEPS, f"probe/{task}/{arch}"))
         return runs
 
-    def control_args(self) -> list[str]:
-        """The positive control's pre-training: --control-method on the default architecture (so it is compared
-        with the default scratch), on every label (whatever the label fraction), for --control-factor x the
-        budget."""
-        return ["--method", self.s.control_method, *self.common, "--seed", "0", *self.s.pretrain_overrides,
-                f"model.arch={self.default_arch}"]
+    def control_command(self) -> tuple[str, list[str]]:
+        """(script, arguments) of the positive control's pre-training: --control-method on the default
+        architecture (so it is compared with the default scratch), on every label (whatever the label fraction);
+        the plan gives it --control-factor x the budget. "detection" trains the detection protocol from scratch."""
+        if self.s.control_method == "detection":
+            return "finetune.py", [*self.task_args("detection"), "--backbone", "scratch", "--arch", self.default_arch,
+                                   "--seed", "0", *self.s.overrides]
+        return "train.py", ["--method", self.s.control_method, *self.common, "--seed", "0",
+                            *self.s.pretrain_overrides, f"model.arch={self.default_arch}"]
 
     def per_step(self, run: Run) -> tuple[float, float]:
         """(FLOPs, wall seconds) per optimizer step of a finished probe."""
@@ -287,9 +299,10 @@ class BakeOff:
             steps = max(1, round(factor * (s.budget.steps if s.budget.steps is not None else s.budget.flops / flops)))
             return steps, steps * flops
 
-        def pretrain_run(name: str, args: list[str], arch: str, steps: int, probe: str) -> Run:
+        def pretrain_run(name: str, args: list[str], arch: str, steps: int, probe: str,
+                         script: str = "train.py") -> Run:
             """A pre-training into <out>/pretrain/<name>; its length comes last, so no override can change it."""
-            return Run(f"pretrain/{name}", "pretrain", "train.py", [*args, f"trainer.max_steps={steps}"],
+            return Run(f"pretrain/{name}", "pretrain", script, [*args, f"trainer.max_steps={steps}"],
                        s.out / "pretrain" / name, arch, steps, probe)
 
         for m in self.pretrain_methods:
@@ -310,7 +323,8 @@ class BakeOff:
             probe = f"probe/pretrain/{POSITIVE_CONTROL}"
             steps, flops = budget_steps(probe, s.control_factor)
             info["pretrain_steps"][POSITIVE_CONTROL], info["pretrain_flops"][POSITIVE_CONTROL] = steps, flops
-            runs.append(pretrain_run(POSITIVE_CONTROL, self.control_args(), self.default_arch, steps, probe))
+            script, args = self.control_command()
+            runs.append(pretrain_run(POSITIVE_CONTROL, args, self.default_arch, steps, probe, script))
         for task in s.tasks:
             plain = self.plain_steps(task)
             for fraction in s.label_fractions:
@@ -334,7 +348,7 @@ class BakeOff:
                     arms.append((name, "", ["--backbone", path], plain))
                 if s.controls:
                     arms.append((POSITIVE_CONTROL, self.default_arch,
-                                 ["--backbone", str(s.out / "pretrain" / POSITIVE_CONTROL / "backbone.pt")], plain))
+                                 ["--backbone", str(s.out / "pretrain" / POSITIVE_CONTROL)], plain))
                     needs[POSITIVE_CONTROL] = f"pretrain/{POSITIVE_CONTROL}"
                     arms.append((NEGATIVE_CONTROL, self.default_arch, ["--backbone", "scratch", "--arch",
                                                                         self.default_arch], plain))

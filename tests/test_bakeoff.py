@@ -96,12 +96,38 @@ def test_plan_adds_the_controls(tmp_path):
     # the positive control pre-trains for 10 budgets (30 steps x 10) and is fine-tuned from its backbone
     assert info["pretrain_steps"]["control_long"] == 300 and "trainer.max_steps=300" in by_key["pretrain/control_long"].args
     long0 = by_key["finetune/segmentation/f1/control_long/seed0"]
-    assert long0.needs == "pretrain/control_long" and str(tmp_path / "pretrain/control_long/backbone.pt") in long0.args
+    assert long0.needs == "pretrain/control_long" and str(tmp_path / "pretrain/control_long") in long0.args
     # the negative control is scratch with other seeds, as many as the arms have
     negative = sorted(k for k in by_key if "/control_scratch/" in k)
     assert negative == ["finetune/segmentation/f1/control_scratch/seed100", "finetune/segmentation/f1/control_scratch/seed101"]
     args = by_key[negative[0]].args
     assert args[args.index("--seed") + 1] == "100" and args[args.index("--backbone") + 1] == "scratch"
+
+
+
+def test_detection_control_trains_the_detection_protocol(tmp_path):
+    """--control-method detection: the control is the detection protocol from scratch (finetune.py, the user's
+    fine-tuning overrides, --control-factor budgets in the detector's own steps), fine-tuned again from its run."""
+    s = Settings(data=None, methods=["scratch"], tasks=["detection"], seeds=1, budget=Budget(steps=30),
+                 label_fractions=[1.0], inits={}, out=tmp_path, controls=True, control_method="detection",
+                 control_factor=10, overrides=["optim.lr=1e-3"])
+    bake = BakeOff(s)
+    probes = {p.key: p for p in bake.probes()}
+    for probe in probes.values():
+        _fake_probe(probe, 1e9, 0.1)
+    runs, info = bake.plan(probes)
+    by_key = {r.key: r for r in runs}
+    control = by_key["pretrain/control_long"]
+    assert control.script == "finetune.py" and probes["probe/pretrain/control_long"].script == "finetune.py"
+    args = control.args
+    assert args[args.index("--task") + 1] == "detection" and args[args.index("--backbone") + 1] == "scratch"
+    assert args[args.index("--config") + 1].endswith("bakeoff/detection.yaml") and "optim.lr=1e-3" in args
+    assert args[-1] == "trainer.max_steps=300" and info["pretrain_steps"]["control_long"] == 300
+    long0 = by_key["finetune/detection/f1/control_long/seed0"]
+    assert long0.args[long0.args.index("--backbone") + 1] == str(tmp_path / "pretrain" / "control_long")
+    with pytest.raises(UserError, match="--control-method"):
+        BakeOff(Settings(data=None, methods=["scratch"], tasks=["detection"], seeds=1, budget=Budget(steps=30),
+                         label_fractions=[1.0], inits={}, out=tmp_path, controls=True, control_method="classification"))
 
 
 def test_controls_are_judged_against_plain_scratch():

@@ -8,6 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from cheaplunch import CONFIG_DIR
 from cheaplunch.config import load_config
 from cheaplunch.registry import TASKS
 from common.errors import UserError
@@ -82,6 +83,31 @@ def test_lightning_checkpoint_of_a_pretraining_run(tmp_path):
         target = create_backbone("resnet18")
         load_backbone_weights(target, resolved.state, resolved.description)
         _assert_same(target.state_dict(), module.backbone.state_dict())
+
+
+def test_detection_checkpoint_hands_its_trained_backbone_on(tmp_path):
+    """A detection run's checkpoint (the bake-off's detection positive control) gives the detector's backbone,
+    trained BatchNorm statistics included, to the next fine-tuning."""
+    cfg = load_config(TASKS["detection"].config_path, CONFIG_DIR / "bakeoff" / "detection.yaml",
+                      ["model.arch=resnet18", "model.num_classes=3"])
+    detector = TASKS["detection"].module_class()(cfg)
+    with torch.no_grad():  # as if trained: weights and BN statistics away from a fresh init
+        for module in detector.backbone.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.weight.uniform_(0.5, 1.5)
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"state_dict": detector.state_dict(), "hyper_parameters": {"config": OmegaConf.to_container(cfg)}},
+               tmp_path / "checkpoints" / "last.ckpt")
+    resolved = resolve_backbone(str(tmp_path))  # the run folder, as the bake-off passes it
+    assert resolved.arch == "resnet18"
+    segmenter = TASKS["segmentation"].module_class()(
+        load_config(TASKS["segmentation"].config_path, None, ["model.num_classes=3"]),
+        backbone_state=resolved.state, backbone_source=resolved.description)
+    # the weights the detector itself runs (its FPN's body), not the module's alias the loader reads
+    body = {k.removeprefix("detector.backbone.body."): v for k, v in detector.state_dict().items()
+            if k.startswith("detector.backbone.body.")}
+    _assert_same(segmenter.backbone.state_dict(), body)
 
 
 def test_wrong_arch_lists_missing_keys(tmp_path):
