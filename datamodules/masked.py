@@ -144,42 +144,27 @@ class MaskedDataModule(L.LightningDataModule):
     """Train images of a dataset (``datamodules.layout.resolve_dataset``; the embedded set when
     ``data_root`` is None) as ``MaskedBatch``es."""
 
-    def __init__(
-        self,
-        data_root: str | os.PathLike | None = None,
-        batch_size: int = 64,
-        num_workers: int = 2,
-        image_size: int = 224,
-        patch_size: int = 32,
-        mask_ratio: float = 0.6,
-        crop_scale: tuple[float, float] = (0.2, 1.0),
-        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        flip_p: float = 0.5,
-        seed: int = 0,
-        embedded_size: int = 300,
-        pin_memory: bool = True,
-        stride: int = CONVNEXT_STRIDE,
-    ) -> None:
+    def __init__(self, cfg: Any) -> None:
+        """From the run config: ``cfg.seed``, ``cfg.data.*`` and ``cfg.model.{patch_size, mask_ratio}``
+        (configs/base.yaml, configs/fcmae.yaml)."""
         super().__init__()
-        check_geometry(image_size, patch_size, stride)
+        d, m = cfg.data, cfg.model
+        image_size, patch_size, mask_ratio = int(d.image_size), int(m.patch_size), float(m.mask_ratio)
+        check_geometry(image_size, patch_size, CONVNEXT_STRIDE)
         num_masked(1, mask_ratio)
-        self.data_root, self.embedded_size, self.seed = data_root, embedded_size, seed
-        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.data_root, self.seed = d.get("root"), int(cfg.get("seed", 0))
+        self.embedded_size = int(d.get("embedded_size", 300))
+        self.batch_size, self.num_workers = int(d.batch_size), int(d.num_workers)
+        self.pin_memory = bool(d.get("pin_memory", True))
         self.dataset_kwargs = dict(image_size=image_size, patch_size=patch_size, mask_ratio=mask_ratio,
-                                   crop_scale=tuple(crop_scale), crop_ratio=tuple(crop_ratio), flip_p=flip_p, seed=seed)
+                                   crop_scale=tuple(d.crop_scale), crop_ratio=tuple(d.crop_ratio),
+                                   flip_p=float(d.flip_p), seed=self.seed)
         self._train: MaskedImageDataset | None = None
 
     @classmethod
     def from_config(cls, cfg: Any) -> MaskedDataModule:
-        """From the run config: cfg.seed, cfg.data.* and cfg.model.{patch_size, mask_ratio} (configs/fcmae.yaml)."""
-        d, m = cfg.data, cfg.model
-        return cls(
-            data_root=d.get("root"), batch_size=int(d.batch_size), num_workers=int(d.num_workers),
-            image_size=int(d.image_size), patch_size=int(m.patch_size), mask_ratio=float(m.mask_ratio),
-            crop_scale=tuple(d.crop_scale), crop_ratio=tuple(d.crop_ratio), flip_p=float(d.flip_p),
-            seed=int(cfg.get("seed", 0)), embedded_size=int(d.get("embedded_size", 300)),
-            pin_memory=bool(d.get("pin_memory", True)),
-        )
+        """The DataModule registry's constructor (every DataModule has one)."""
+        return cls(cfg)
 
     def prepare_data(self) -> None:
         self._files()  # builds the embedded dataset on first use (local rank 0)

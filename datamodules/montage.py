@@ -36,7 +36,7 @@ from common.errors import UserError
 from common.images import annotate_montage, new_batch_tensor, normalize_images
 from datamodules.montage_assembler import CELL_KEYS, ERF_STREAM, CellInfo, MontageAssembler
 from datamodules.sample_bank import BANK_VERSION, SampleBank, ann_file_fingerprint, read_bank_settings
-from datamodules.sample_plan import DEFAULT_NEGATIVES_AVOID, check_negatives_avoid
+from datamodules.sample_plan import check_negatives_avoid
 from models.montage_canvas import MontageLayout
 
 # --------------------------------------------------------------------------------------------------
@@ -200,75 +200,45 @@ class MontageDataModule(L.LightningDataModule):
     ``prepare_data`` (global rank 0) resolves the dataset (``datamodules.layout.resolve_dataset``; the
     embedded set when ``data_root`` is None) and builds the bank from its train split into
     ``<cache>/sample_bank/<hash of the annotation file and settings>/`` (``cache``: ``cache_dir`` or the
-    default of ``datamodules.layout.cache_root``; never the dataset folder), or ``bank_dir``. ``setup`` opens it.
+    default of ``datamodules.layout.cache_root``; never the dataset folder). ``setup`` opens it.
     ``num_classes`` counts the background (C + 1). ``max_side`` (stored crop cap) defaults to 2x the
     canvas; ``epoch_size`` (montages per epoch, all ranks together) to ``len(bank) // 4``.
     """
 
-    def __init__(
-        self,
-        data_root: str | os.PathLike | None = None,
-        batch_size: int = 64,
-        num_workers: int = 2,
-        canvas: int | tuple[int, int] = 224,
-        split: tuple[float, float] = (0.4, 0.4),
-        scale_range: tuple[float, float] = (0.8, 1.5),
-        flip_p: float = 0.5,
-        neg_ratio: float = 0.1,
-        negatives_avoid: str = DEFAULT_NEGATIVES_AVOID,
-        bank_dir: str | os.PathLike | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        label_fraction: float | None = None,
-        label_count: int | None = None,
-        subset_seed: int = 0,
-        seed: int = 0,
-        epoch_size: int | None = None,
-        embedded_size: int = 300,
-        pin_memory: bool = True,
-        max_side: int | None = None,
-        pad: str = "random",
-    ) -> None:
+    def __init__(self, cfg: Any) -> None:
+        """From the run config: ``cfg.seed`` and ``cfg.data.*`` (configs/base.yaml, configs/montage.yaml)."""
         super().__init__()
         # The bank is written to the cache folder, which every node of a cluster job must see (a shared file
         # system, as the run folder must be for requeueing; pass --cache-dir otherwise): built once, on global rank 0.
         self.prepare_data_per_node = False
-        self.data_root = data_root
-        self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
+        d = cfg.data
+        self.data_root = d.get("root")
+        self.batch_size = int(d.batch_size)
+        self.num_workers = int(d.num_workers)
+        canvas = d.canvas
         hw = (int(canvas), int(canvas)) if isinstance(canvas, int) else (int(canvas[0]), int(canvas[1]))
-        self._layout = MontageLayout(canvas=hw, split=(float(split[0]), float(split[1])))
-        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
-        self.flip_p = float(flip_p)
-        self.neg_ratio = float(neg_ratio)
-        self.negatives_avoid = check_negatives_avoid(negatives_avoid)
-        self.bank_dir = bank_dir
-        self.cache_dir = cache_dir
-        self.label_fraction = None if label_fraction is None else float(label_fraction)
-        self.label_count = None if label_count is None else int(label_count)
-        self.subset_seed = int(subset_seed)
-        self.seed = int(seed)
-        self.epoch_size = epoch_size
-        self.embedded_size = int(embedded_size)
-        self.pin_memory = bool(pin_memory)
-        self.max_side = int(max_side) if max_side is not None else 2 * max(hw)
-        self.pad = pad
+        self._layout = MontageLayout(canvas=hw, split=(float(d.split[0]), float(d.split[1])))
+        self.scale_range = (float(d.scale_range[0]), float(d.scale_range[1]))
+        self.flip_p = float(d.flip_p)
+        self.neg_ratio = float(d.neg_ratio)
+        self.negatives_avoid = check_negatives_avoid(str(d.negatives_avoid))
+        self.cache_dir = d.get("cache_dir")
+        self.label_fraction = None if d.get("label_fraction") is None else float(d.label_fraction)
+        self.label_count = None if d.get("label_count") is None else int(d.label_count)
+        self.subset_seed = int(d.get("subset_seed", 0))
+        self.seed = int(cfg.get("seed", 0))
+        self.epoch_size = None if d.get("epoch_size") is None else int(d.epoch_size)
+        self.embedded_size = int(d.get("embedded_size", 300))
+        self.pin_memory = bool(d.get("pin_memory", True))
+        self.max_side = int(d.max_side) if d.get("max_side") is not None else 2 * max(hw)
         self._bank: SampleBank | None = None
         self._assembler: MontageAssembler | None = None
         self._train: MontageDataset | None = None
 
     @classmethod
     def from_config(cls, cfg: Any) -> MontageDataModule:
-        """From the run config (``cfg.seed``, ``cfg.data.*``; see configs/montage.yaml)."""
-        data = cfg.data
-        kwargs: dict[str, Any] = {"data_root": data.get("root"), "seed": int(cfg.get("seed", 0))}
-        for key in ("batch_size", "num_workers", "canvas", "split", "scale_range", "flip_p", "neg_ratio",
-                    "negatives_avoid", "epoch_size", "embedded_size", "pin_memory", "max_side", "cache_dir",
-                    "label_fraction", "label_count", "subset_seed"):
-            if data.get(key) is not None:
-                value = data.get(key)
-                kwargs[key] = tuple(value) if key in ("split", "scale_range") or (
-                    key == "canvas" and not isinstance(value, int)) else value
-        return cls(**kwargs)
+        """The DataModule registry's constructor (every DataModule has one)."""
+        return cls(cfg)
 
     # -- properties ---------------------------------------------------------------------------------
 
@@ -323,9 +293,7 @@ class MontageDataModule(L.LightningDataModule):
         return {"label_fraction": self.label_fraction, "label_count": self.label_count, "subset_seed": self.subset_seed}
 
     def bank_path(self, paths: Any | None = None) -> Path:
-        """Where the bank lives: ``bank_dir`` or ``<cache>/sample_bank/<hash of annotation file + settings>``."""
-        if self.bank_dir is not None:
-            return Path(self.bank_dir)
+        """Where the bank lives: ``<cache>/sample_bank/<hash of annotation file + settings>``."""
         from datamodules.layout import cache_root
 
         paths = paths if paths is not None else self._paths()
@@ -365,7 +333,7 @@ class MontageDataModule(L.LightningDataModule):
         if not self._bank_is_current(out, paths.train_ann):
             self.prepare_data()
         self._bank = SampleBank.open(out)
-        self._assembler = MontageAssembler(self._bank, self._layout, self.scale_range, self.flip_p, self.pad)
+        self._assembler = MontageAssembler(self._bank, self._layout, self.scale_range, self.flip_p)
         epoch_size = self.epoch_size or max(1, len(self._bank) // 4)
         rank = int(self.trainer.global_rank) if self.trainer is not None else 0
         self._train = MontageDataset(self._assembler, epoch_size, seed=self.seed, rank=rank)

@@ -36,7 +36,7 @@ from datamodules.montage import (
 from datamodules.montage_assembler import CELL_KEYS, ERF_STREAM, MontageAssembler, _fit_axis
 from datamodules.sample_bank import SampleBank
 from models.montage_canvas import POSITION_GROUPS, POSITIONS, MontageLayout
-from tests.test_sample_bank import build, load, write_coco
+from tests.test_sample_bank import build, load, montage_datamodule, write_coco
 
 LAYOUT = MontageLayout((224, 224), (0.4, 0.4))
 
@@ -442,8 +442,8 @@ def datamodule(coco_set, tmp_path, monkeypatch):
     ann, imgs, _ = coco_set
     paths = SimpleNamespace(root=tmp_path, train_ann=ann, train_images=imgs)
     monkeypatch.setattr(MontageDataModule, "_paths", lambda self: paths)
-    return MontageDataModule(batch_size=4, num_workers=0, canvas=160, seed=0, pin_memory=False,
-                             cache_dir=tmp_path / "cache")
+    return montage_datamodule("data.batch_size=4", "data.num_workers=0", "data.canvas=160", "seed=0",
+                              "data.pin_memory=false", f"data.cache_dir={tmp_path / 'cache'}")
 
 
 def test_datamodule_builds_once_and_serves_batches(datamodule, tmp_path):
@@ -487,16 +487,12 @@ def test_workers_give_the_same_batches(datamodule):
     assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
 
 
-def test_from_config_reads_the_data_section():
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.create({"seed": 3, "data": {"root": "/x", "batch_size": 8, "num_workers": 0, "canvas": 96,
-                                                "split": [0.5, 0.4], "scale_range": [0.9, 1.1], "flip_p": 0.0,
-                                                "neg_ratio": 0.2, "max_side": 200, "pin_memory": False,
-                                                "embedded_size": 50}})
-    dm = MontageDataModule.from_config(cfg)
+def test_constructor_reads_the_data_section():
+    dm = montage_datamodule("seed=3", "data.root=/x", "data.batch_size=8", "data.canvas=96", "data.split=[0.5,0.4]",
+                            "data.scale_range=[0.9,1.1]", "data.neg_ratio=0.2", "data.max_side=200")
     assert (dm.data_root, dm.batch_size, dm.seed, dm.max_side, dm.neg_ratio) == ("/x", 8, 3, 200, 0.2)
     assert dm.layout == MontageLayout((96, 96), (0.5, 0.4)) and dm.scale_range == (0.9, 1.1)
+    assert montage_datamodule("data.canvas=96", "data.max_side=null").max_side == 192  # default: 2x the canvas
 
 
 def test_write_preview(datamodule, tmp_path, bank):
@@ -523,13 +519,13 @@ def test_datamodule_on_the_embedded_layout_writes_nothing_into_the_dataset(tiny_
     root = tmp_path / "data"
     shutil.copytree(tiny_embedded, root)
     files_before = sorted(p.relative_to(root) for p in root.rglob("*"))
-    dm = MontageDataModule(data_root=root, batch_size=2, num_workers=0, canvas=96, pin_memory=False)
+    small = ("data.batch_size=2", "data.num_workers=0", "data.canvas=96", "data.pin_memory=false")
+    dm = montage_datamodule(f"data.root={root}", *small)
     dm.prepare_data()
     dm.setup("fit")
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == files_before  # issue #14 case 5
     assert dm.bank.directory.parent == private_cache / "sample_bank"  # $CHEAPLUNCH_CACHE (conftest)
-    other = MontageDataModule(data_root=root, batch_size=2, num_workers=0, canvas=96, pin_memory=False,
-                              cache_dir=tmp_path / "mine")
+    other = montage_datamodule(f"data.root={root}", *small, f"data.cache_dir={tmp_path / 'mine'}")
     assert other.bank_path().parent == tmp_path / "mine" / "sample_bank"
     assert dm.bank.info["settings"]["ann_file"] == str((root / "annotations" / "instances_train.json").resolve())
     assert dm.num_classes == len(dm.class_names) and dm.class_names[-1] == "background"

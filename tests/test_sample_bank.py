@@ -24,6 +24,15 @@ from datamodules.readers import load_coco
 from datamodules.sample_bank import GROUPS, SampleBank, aspect_group, aspect_group_codes
 from datamodules.sample_plan import NEGATIVES_AVOID, plan_samples
 
+
+def montage_datamodule(*overrides: str):
+    """A MontageDataModule built as train.py builds it: configs/montage.yaml with `overrides` (key=value)."""
+    from cheaplunch.config import load_config
+    from cheaplunch.registry import METHODS
+    from datamodules.montage import MontageDataModule
+
+    return MontageDataModule(load_config(METHODS["montage"].config_path, overrides=list(overrides)))
+
 CATEGORIES = [(3, "cat"), (7, "rocket"), (12, "cup")]  # arbitrary COCO ids -> labels 0, 1, 2
 
 # ------------------------------------------------------------------------------------------------
@@ -230,12 +239,11 @@ def test_negatives_avoid_boxes_or_expanded_positives(coco_set, banks_by_negative
 
 
 def test_unknown_negatives_avoid_is_a_clear_error(coco_set, tmp_path):
-    from datamodules.montage import MontageDataModule
 
     coco = coco_set[2]
     for call in (lambda: plan_samples(coco, seed=0, negatives_avoid="positives"),
                  lambda: build(coco, tmp_path / "bad", negatives_avoid="positives"),
-                 lambda: MontageDataModule(negatives_avoid="positives")):
+                 lambda: montage_datamodule("data.negatives_avoid=positives")):
         with pytest.raises(UserError, match="negatives_avoid must be one of expanded_positives, boxes, got 'positives'"):
             call()
     assert not (tmp_path / "bad").exists()
@@ -246,7 +254,6 @@ def test_cache_is_keyed_by_negatives_avoid(coco_set, tmp_path, caplog):
     and the montage DataModule puts the two in different folders."""
     from types import SimpleNamespace
 
-    from datamodules.montage import MontageDataModule
 
     ann, _, coco = coco_set
     out = tmp_path / "bank"
@@ -259,7 +266,7 @@ def test_cache_is_keyed_by_negatives_avoid(coco_set, tmp_path, caplog):
     new_negatives = rebuilt.source_boxes[rebuilt.labels == rebuilt.background_label]
     assert new_negatives.shape != boxes_negatives.shape or not np.array_equal(new_negatives, boxes_negatives)
     paths = SimpleNamespace(root=tmp_path, train_ann=ann)
-    folders = {MontageDataModule(negatives_avoid=a).bank_path(paths) for a in NEGATIVES_AVOID}
+    folders = {montage_datamodule(f"data.negatives_avoid={a}").bank_path(paths) for a in NEGATIVES_AVOID}
     assert len(folders) == 2
 
 
