@@ -137,7 +137,7 @@ def train_row(row_yaml: Path, cpu_yaml: Path, run_dir: Path) -> dict:
     cfg = OmegaConf.merge(cfg, OmegaConf.load(cpu_yaml))
     OmegaConf.set_struct(cfg, True)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    datamodule = entry.datamodule_class().from_config(cfg)
+    datamodule = entry.datamodule_class()(cfg)
     module = entry.module_class()(cfg)
     trainer = build_trainer(cfg, run_dir, standard_callbacks(cfg, run_dir, export=False), False)
     init_gamma, support = last_gamma_abs(module.backbone), input_support(module.backbone, int(cfg.data.image_size))

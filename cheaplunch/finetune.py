@@ -93,7 +93,7 @@ def _write_outputs(run_dir: Path, results: dict[str, Any], history: list[dict[st
 def _describe_data(entry: Entry, cfg: DictConfig) -> Any:
     """The task's DataModule, with model.num_classes and data.class_names filled in from the data (values
     the config sets must agree with the data)."""
-    datamodule = entry.datamodule_class().from_config(cfg)
+    datamodule = entry.datamodule_class()(cfg)
     names = list(datamodule.class_names)
     known = cfg.model.get("num_classes")
     if known is not None and int(known) != len(names):
@@ -242,7 +242,7 @@ def evaluate_checkpoint(
         cfg = _merge(cfg, OmegaConf.from_dotlist(list(overrides)), f"overrides {list(overrides)}")
     check_config(cfg, task=saved_task, training=False)
     saved_names = list(cfg.data.class_names or [])
-    datamodule = entry.datamodule_class().from_config(cfg)
+    datamodule = entry.datamodule_class()(cfg)
     names = list(datamodule.class_names)
     if saved_names and names != saved_names:
         raise UserError(f"--checkpoint {path} was trained on classes {saved_names} but the data has {names}")

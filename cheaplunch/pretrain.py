@@ -50,7 +50,7 @@ def pretrain(entry: Entry, cfg: DictConfig, run_dir: Path, *, resume: str = "aut
     """Fit `entry`'s LightningModule on its DataModule as `cfg` says, in `run_dir` (or with `preview`, only write
     that many example batches)."""
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    datamodule = entry.datamodule_class().from_config(cfg)
+    datamodule = entry.datamodule_class()(cfg)
     if preview is not None:
         if not hasattr(datamodule, "write_preview"):
             raise UserError(f"--preview: method '{entry.name}' has no preview")

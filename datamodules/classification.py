@@ -201,10 +201,6 @@ class ClassificationDataModule(L.LightningDataModule):
         policy = cfg.data.get("rand_augment")  # built now, so a bad policy is an error before any data is read
         self.rand_augment = rand_augment(str(policy), int(cfg.data.image_size)) if policy else None
 
-    @classmethod
-    def from_config(cls, cfg: DictConfig) -> ClassificationDataModule:
-        return cls(cfg)
-
     def split(self, name: str) -> ImageCache:
         if name in self._cache:
             return self._cache[name]

@@ -289,10 +289,6 @@ class SupervisedDataModule(L.LightningDataModule):
         self.val_images: torch.Tensor | None = None
         self.val_labels: torch.Tensor | None = None
 
-    @classmethod
-    def from_config(cls, cfg: DictConfig) -> SupervisedDataModule:
-        return cls(cfg)
-
     def split(self, name: str) -> ImageCache:
         if name in self._cache:
             return self._cache[name]

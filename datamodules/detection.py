@@ -102,10 +102,6 @@ class DetectionDataModule(L.LightningDataModule):
         self.train_set: CocoDetection | None = None
         self.val_set: CocoDetection | None = None
 
-    @classmethod
-    def from_config(cls, cfg: DictConfig) -> DetectionDataModule:
-        return cls(cfg)
-
     @property
     def with_masks(self) -> bool:
         return str(self.cfg.model.detector) == "mask_rcnn"

@@ -124,13 +124,9 @@ class DistortedDataModule(L.LightningDataModule):
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.segmentation = SegmentationDataModule.from_config(cfg)
+        self.segmentation = SegmentationDataModule(cfg)
         self.distortion = Distortion.from_config(cfg.data.distortion)
         self.train_set: DistortedData | None = None
-
-    @classmethod
-    def from_config(cls, cfg: DictConfig) -> DistortedDataModule:
-        return cls(cfg)
 
     @property
     def num_classes(self) -> int:

@@ -161,11 +161,6 @@ class MaskedDataModule(L.LightningDataModule):
                                    flip_p=float(d.flip_p), seed=self.seed)
         self._train: MaskedImageDataset | None = None
 
-    @classmethod
-    def from_config(cls, cfg: Any) -> MaskedDataModule:
-        """The DataModule registry's constructor (every DataModule has one)."""
-        return cls(cfg)
-
     def prepare_data(self) -> None:
         self._files()  # builds the embedded dataset on first use (local rank 0)
 

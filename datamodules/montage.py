@@ -235,11 +235,6 @@ class MontageDataModule(L.LightningDataModule):
         self._assembler: MontageAssembler | None = None
         self._train: MontageDataset | None = None
 
-    @classmethod
-    def from_config(cls, cfg: Any) -> MontageDataModule:
-        """The DataModule registry's constructor (every DataModule has one)."""
-        return cls(cfg)
-
     # -- properties ---------------------------------------------------------------------------------
 
     @property

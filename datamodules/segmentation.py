@@ -125,10 +125,6 @@ class SegmentationDataModule(L.LightningDataModule):
         self.train_set: SegmentationData | None = None
         self.val_set: SegmentationData | None = None
 
-    @classmethod
-    def from_config(cls, cfg: DictConfig) -> SegmentationDataModule:
-        return cls(cfg)
-
     def folder(self, split: str) -> SegmentationFolder:
         """The (image, label) pairs of `split` (read once)."""
         if split in self._folders:

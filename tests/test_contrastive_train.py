@@ -29,7 +29,7 @@ def test_batches_are_aligned_and_use_the_finetuning_subset(tiny_embedded):
     from datamodules.segmentation import SegmentationDataModule
 
     cfg = _cfg(tiny_embedded, "data.label_fraction=0.5", "data.subset_seed=3")
-    dm = DistortedDataModule.from_config(cfg)
+    dm = DistortedDataModule(cfg)
     dm.setup("fit")
     assert dm.num_classes >= 2
     expected = labelled_subset(12, 0.5, None, 3)
@@ -52,7 +52,7 @@ def test_batches_are_aligned_and_use_the_finetuning_subset(tiny_embedded):
     # with the distortion switched off both views are the same crop: the geometry (and labels) are shared
     off = _cfg(tiny_embedded, "data.distortion.jitter_p=0", "data.distortion.grayscale_p=0",
                "data.distortion.blur_p=0")
-    dm_off = DistortedDataModule.from_config(off)
+    dm_off = DistortedDataModule(off)
     dm_off.setup("fit")
     torch.manual_seed(0)
     image, distorted, label, _ = dm_off.train_set[0]
@@ -97,7 +97,7 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(tiny_embedded, loss, formu
     torch.manual_seed(0)
     cfg = _cfg(tiny_embedded, f"model.loss={loss}", f"model.formulation={formulation}", "optim.lr=0.05",
                "optim.name=adamw", "model.max_pixels=40", "model.sampling=balanced")
-    batch = next(iter(DistortedDataModule.from_config(cfg).train_dataloader()))
+    batch = next(iter(DistortedDataModule(cfg).train_dataloader()))
     module = ContrastiveModule(cfg)
     opt = module.configure_optimizers()
     opt.param_groups[0]["lr"] = opt.param_groups[-1]["lr"] = 1e-3

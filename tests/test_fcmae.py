@@ -208,7 +208,7 @@ def test_datamodule_batches_masks_and_determinism(tiny_embedded):
     from datamodules.masked import MaskedDataModule
 
     def first_batches(seed, epoch=0):
-        dm = MaskedDataModule.from_config(_cfg(tiny_embedded, f"seed={seed}"))
+        dm = MaskedDataModule(_cfg(tiny_embedded, f"seed={seed}"))
         loader = dm.train_dataloader()
         loader.sampler.set_epoch(epoch)
         return next(iter(loader))
@@ -228,12 +228,12 @@ def test_datamodule_rejects_bad_geometry_and_too_few_images(tiny_embedded):
     from datamodules.masked import MaskedDataModule
 
     with pytest.raises(UserError, match="multiple of the encoder's total stride 32"):
-        MaskedDataModule.from_config(_cfg(tiny_embedded, "model.patch_size=16"))
+        MaskedDataModule(_cfg(tiny_embedded, "model.patch_size=16"))
     with pytest.raises(UserError, match="multiple of patch_size"):
-        MaskedDataModule.from_config(_cfg(tiny_embedded, "data.image_size=80"))
+        MaskedDataModule(_cfg(tiny_embedded, "data.image_size=80"))
     # 12 images and batch 16: an empty epoch (drop_last) would train nothing without a word
     with pytest.raises(UserError, match=r"12 training images give 12 per process .*data.batch_size=16"):
-        MaskedDataModule.from_config(_cfg(tiny_embedded, "data.batch_size=16")).train_dataloader()
+        MaskedDataModule(_cfg(tiny_embedded, "data.batch_size=16")).train_dataloader()
 
 
 def test_weight_decay_groups_and_peak_lr(tiny_embedded):
@@ -266,7 +266,7 @@ def test_module_steps_reduce_the_loss_on_a_fixed_real_batch(tiny_embedded):
 
     torch.manual_seed(0)
     cfg = _cfg(tiny_embedded, "optim.lr=2e-2")  # lr 2e-2 x 4/256 = 3e-4
-    batch = next(iter(MaskedDataModule.from_config(cfg).train_dataloader()))
+    batch = next(iter(MaskedDataModule(cfg).train_dataloader()))
     module = FCMAEModule(cfg)
     opt = module.configure_optimizers()
     losses = []
@@ -342,7 +342,7 @@ def test_preview_pictures(tmp_path, tiny_embedded):
 
     from datamodules.masked import MaskedDataModule
 
-    paths = MaskedDataModule.from_config(_cfg(tiny_embedded)).write_preview(tmp_path, 2)
+    paths = MaskedDataModule(_cfg(tiny_embedded)).write_preview(tmp_path, 2)
     assert len(paths) == 2
     with Image.open(paths[0]) as im:
         assert im.size == (128, 64)  # crop | masked crop
@@ -370,7 +370,7 @@ def test_channels_last_and_bf16_autocast_paths(tiny_embedded):
     from lightning_modules.fcmae import FCMAEModule
 
     cfg = _cfg(tiny_embedded)
-    batch = next(iter(MaskedDataModule.from_config(cfg).train_dataloader()))
+    batch = next(iter(MaskedDataModule(cfg).train_dataloader()))
     torch.manual_seed(0)
     plain = FCMAEModule(cfg)
     cfg.runtime.channels_last = True

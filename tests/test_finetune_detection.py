@@ -73,7 +73,7 @@ def test_label_fraction_and_flip_in_detection_data(tiny_embedded):
 
     def indices(*extra):
         cfg = load_config(TASKS["detection"].config_path, None, [f"data.root={tiny_embedded}", *extra])
-        dm = DetectionDataModule.from_config(cfg)
+        dm = DetectionDataModule(cfg)
         dm.setup("fit")
         return dm
 

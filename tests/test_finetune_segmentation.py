@@ -46,7 +46,7 @@ def test_segmentation_trains_evaluates_and_eval_only_reproduces(tiny_embedded, t
 
 def _subset(root, *extra) -> set[int]:
     cfg = load_config(TASKS["segmentation"].config_path, None, [f"data.root={root}", *extra])
-    dm = SegmentationDataModule.from_config(cfg)
+    dm = SegmentationDataModule(cfg)
     dm.setup("fit")
     return {int(i) for i in dm.train_set.indices}
 
@@ -72,7 +72,7 @@ def test_loss_ignores_255_and_is_finite_when_all_ignored():
 
 def test_training_crops_keep_labels_aligned(tiny_embedded):
     cfg = load_config(TASKS["segmentation"].config_path, None, [f"data.root={tiny_embedded}", "data.crop_size=64"])
-    dm = SegmentationDataModule.from_config(cfg)
+    dm = SegmentationDataModule(cfg)
     dm.setup("fit")
     image, label, _ = dm.train_set[0]
     assert image.shape == (3, 64, 64) and image.dtype == torch.uint8 and label.shape == (64, 64)

@@ -26,10 +26,10 @@ def test_montage_bank_is_cut_from_the_finetuning_subset(tiny_embedded, tmp_path)
 
     common = [f"data.root={tiny_embedded}", "data.batch_size=2", "data.num_workers=0", "data.canvas=64",
               "data.pin_memory=false", f"data.cache_dir={tmp_path / 'cache'}"]
-    subset = MontageDataModule.from_config(load_config(METHODS["montage"].config_path,
+    subset = MontageDataModule(load_config(METHODS["montage"].config_path,
                                                        overrides=[*common, f"data.label_fraction={FRACTION}"]))
     subset.setup("fit")
-    full = MontageDataModule.from_config(load_config(METHODS["montage"].config_path, overrides=common))
+    full = MontageDataModule(load_config(METHODS["montage"].config_path, overrides=common))
     full.setup("fit")
     chosen = _labelled_ids(tiny_embedded)
     assert set(subset.bank.image_ids.tolist()) <= chosen
@@ -44,7 +44,7 @@ def test_detection_finetuning_uses_the_same_subset(tiny_embedded):
 
     cfg = load_config(TASKS["detection"].config_path,
                       overrides=[f"data.root={tiny_embedded}", f"data.label_fraction={FRACTION}"])
-    dm = DetectionDataModule.from_config(cfg)
+    dm = DetectionDataModule(cfg)
     dm.setup("fit")
     used = {dm.train_coco.images[i].id for i in dm.train_set.indices}
     assert used <= _labelled_ids(tiny_embedded) and used
@@ -58,7 +58,7 @@ def test_supervised_crops_come_from_the_labelled_images_only(tiny_embedded, frac
 
     cfg = load_config(METHODS["supervised"].config_path,
                       overrides=[f"data.root={tiny_embedded}", f"data.label_fraction={fraction}"])
-    dm = SupervisedDataModule.from_config(cfg)
+    dm = SupervisedDataModule(cfg)
     dm.setup("fit")
     data = json.loads((tiny_embedded / "annotations" / "instances_train.json").read_text())
     chosen = _labelled_ids(tiny_embedded, fraction)

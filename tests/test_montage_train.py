@@ -33,7 +33,7 @@ def _datamodule(data):
     from datamodules.montage import MontageDataModule
 
     cfg = load_config(CONFIG_DIR / "montage.yaml", None, [f"data.root={data}", *TINY])
-    dm = MontageDataModule.from_config(cfg)
+    dm = MontageDataModule(cfg)
     dm.prepare_data()
     dm.setup("fit")
     return cfg, dm
@@ -175,7 +175,7 @@ def test_installed_erf_weights_match_an_independent_recomputation(tiny_embedded,
     backbone = timm.create_model(cfg.model.arch, pretrained=False, num_classes=0, global_pool="")
     prefix = "backbone."
     backbone.load_state_dict({k[len(prefix):]: v for k, v in snapshot["state_dict"].items() if k.startswith(prefix)})
-    datamodule = MontageDataModule.from_config(cfg)
+    datamodule = MontageDataModule(cfg)
     images = datamodule.erf_images(int(cfg.model.erf.num_montages))
     layout = MontageLayout((int(cfg.data.canvas),) * 2, split=tuple(cfg.data.split))
 

@@ -48,7 +48,7 @@ def _check_batches(dm: SupervisedDataModule, size: int) -> None:
 
 
 def test_datamodule_embedded_crops(tiny_embedded):
-    dm = SupervisedDataModule.from_config(cfg_of(f"data.root={tiny_embedded}"))
+    dm = SupervisedDataModule(cfg_of(f"data.root={tiny_embedded}"))
     assert dm.source == "crops" and dm.num_classes >= 2
     _check_batches(dm, 32)
 
@@ -60,7 +60,7 @@ def test_datamodule_image_folder(tmp_path):
             (tmp_path / split / cls).mkdir(parents=True)
             for i in range(5):
                 Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(tmp_path / split / cls / f"{i}.png")
-    dm = SupervisedDataModule.from_config(cfg_of(f"data.root={tmp_path}"))
+    dm = SupervisedDataModule(cfg_of(f"data.root={tmp_path}"))
     assert dm.source == "folder" and dm.class_names == ["cat", "dog"]
     _check_batches(dm, 32)
     assert dm.val_images.shape == (10, 3, 32, 32)
@@ -68,7 +68,7 @@ def test_datamodule_image_folder(tmp_path):
 
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist is not installed")
 def test_datamodule_fashion_mnist_from_the_debian_package():
-    dm = SupervisedDataModule.from_config(cfg_of("data.root=fashion-mnist", "data.label_count=64", "data.val_count=32"))
+    dm = SupervisedDataModule(cfg_of("data.root=fashion-mnist", "data.label_count=64", "data.val_count=32"))
     assert dm.source == "fashion_mnist" and dm.num_classes == 10
     assert len(dm.split("train").labels) == 60000 and len(dm.split("val").labels) == 10000
     _check_batches(dm, 32)
