@@ -324,11 +324,6 @@ class SampleBank:
         return [*self.info["class_names"], BACKGROUND_NAME]
 
     @property
-    def coco_category_ids(self) -> list[int]:
-        """COCO category id of each object class 0..C-1."""
-        return [int(c) for c in self.info["category_ids"]]
-
-    @property
     def seed(self) -> int:
         return int(self.info["settings"]["seed"])
 

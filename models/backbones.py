@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import timm
-import torch
 from torch import nn
 
 from common.errors import UserError
@@ -24,13 +23,3 @@ def create_backbone(arch: str, *, pretrained: bool = False, **kwargs) -> nn.Modu
         close = timm.list_models(f"*{arch.split('_')[0]}*")[:10]
         raise UserError(f"unknown timm architecture '{arch}'" + (f"; similar: {', '.join(close)}" if close else ""))
     return timm.create_model(arch, pretrained=False, num_classes=0, global_pool="", **kwargs)
-
-
-def feature_stride(backbone: nn.Module, image_size: int = 224) -> int:
-    """Total stride of the backbone's output (e.g. 32 for a ResNet)."""
-    info = getattr(backbone, "feature_info", None)
-    if info:
-        return int(info[-1]["reduction"])
-    with torch.no_grad():
-        out = backbone(torch.zeros(1, 3, image_size, image_size))
-    return image_size // out.shape[-1]

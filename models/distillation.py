@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from torch import nn
 
 from common.errors import UserError
 from models.classifier import Classifier
@@ -45,18 +44,6 @@ def distillation_loss(
     soft_target = F.softmax(teacher.detach().float() / t, dim=-1)
     soft = (t * t) * soft_cross_entropy(student.float() / t, soft_target)
     return hard_weight * hard + (1.0 - hard_weight) * soft, hard, soft
-
-
-class DistillationLoss(nn.Module):
-    def __init__(self, temperature: float = 20.0, hard_weight: float = 0.5) -> None:
-        super().__init__()
-        self.temperature, self.hard_weight = float(temperature), float(hard_weight)
-
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return distillation_loss(student, teacher, target, self.temperature, self.hard_weight)[0]
-
-    def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, hard_weight={self.hard_weight}"
 
 
 def load_teacher(path: str | Path) -> Classifier:
