@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cheaplunch.bakeoff import NEGATIVE_SEED_OFFSET, POSITIVE_MARGIN, ArmResult, Settings, detector_of
+from cheaplunch.bakeoff import NEGATIVE_SEED_OFFSET, Settings, detector_of
+from cheaplunch.bakeoff_verdicts import POSITIVE_MARGIN, ArmResult
 
 METRIC_NAME = {"detection": "bbox AP", "segmentation": "mIoU"}
 

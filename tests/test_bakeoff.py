@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cheaplunch.bakeoff import BakeOff, Budget, Settings, parse_budget, parse_inits, summarise
+from cheaplunch.bakeoff import BakeOff, Budget, Settings, parse_budget, parse_inits
+from cheaplunch.bakeoff_verdicts import summarise
 from cheaplunch.stats import BETTER, TIE
 from common.errors import UserError
 
