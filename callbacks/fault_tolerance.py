@@ -37,7 +37,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from cheaplunch import slurm
+from common import slurm
 from common.errors import UserError
 from common.files import TEMPORARY_INFIX, atomic_write
 

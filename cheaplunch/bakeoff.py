@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cheaplunch import CONFIG_DIR, REPO_ROOT
 from cheaplunch.bakeoff_verdicts import NEGATIVE_CONTROL, POSITIVE_CONTROL, ArmResult, headline, summarise
 from common.errors import UserError
+from common.paths import CONFIG_DIR, REPO_ROOT
 
 METHODS = ("montage", "fcmae", "contrastive", "supervised")
 TASKS = ("detection", "segmentation")

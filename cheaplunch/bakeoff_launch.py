@@ -8,9 +8,9 @@ import re
 import subprocess
 from collections.abc import Callable
 
-from cheaplunch import REPO_ROOT
 from cheaplunch.bakeoff import Run
 from common.errors import UserError
+from common.paths import REPO_ROOT
 
 
 def execute(runs: list[Run], estimate: Callable[[Run], float] | None = None, group: str | None = None) -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from cheaplunch import CONFIG_DIR
 from common.errors import UserError
+from common.paths import CONFIG_DIR
 
 BASE_CONFIG = CONFIG_DIR / "base.yaml"
 

@@ -7,8 +7,8 @@ import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from cheaplunch import CONFIG_DIR
 from common.errors import UserError
+from common.paths import CONFIG_DIR
 
 
 @dataclass(frozen=True)

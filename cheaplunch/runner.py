@@ -29,10 +29,11 @@ from callbacks.fault_tolerance import (
 )
 from callbacks.lr_schedule import WarmupCosineLR
 from callbacks.run_artifacts import ExportBackbone, RankAudit
-from cheaplunch import REPO_ROOT, slurm
 from cheaplunch.config import save_config, to_dict
+from common import slurm
 from common.errors import UserError
 from common.files import writable_folder
+from common.paths import REPO_ROOT
 from lightning_modules.base import NonFiniteLossError, batch_size_of
 
 log = logging.getLogger("cheaplunch")

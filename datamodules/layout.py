@@ -2,7 +2,7 @@
 
 Accepted:
 
-- nothing (``None``): the embedded default at ``cheaplunch.DEFAULT_DATA_DIR``, built on demand (cached);
+- nothing (``None``): the embedded default at ``common.paths.DEFAULT_DATA_DIR``, built on demand (cached);
 - a folder in the project layout::
 
       ROOT/images/{train,val}/            ROOT/annotations/instances_{train,val}.json
@@ -85,7 +85,7 @@ def resolve_dataset(root: str | Path | None, *, embedded_size: int = 300, seed: 
     images and ``seed``. ``need_val=False`` (pre-training) also accepts a dataset with only its train split.
     Anything unrecognised raises ``UserError`` listing what was expected and found."""
     if root is None:
-        from cheaplunch import DEFAULT_DATA_DIR
+        from common.paths import DEFAULT_DATA_DIR
         from tools.embedded import build_embedded
 
         root = build_embedded(DEFAULT_DATA_DIR, size=embedded_size, seed=seed)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from cheaplunch import REPO_ROOT
+from common.paths import REPO_ROOT
 
 # Small, quick settings: nothing here should train more than a step.
 MONTAGE = ["--method", "montage", "--logger", "none", "model.arch=resnet18", "data.canvas=64", "data.batch_size=4",

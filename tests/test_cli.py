@@ -6,11 +6,11 @@ import sys
 import pytest
 import yaml
 
-from cheaplunch import CONFIG_DIR, REPO_ROOT
 from cheaplunch.cli import config_flags, flag_overrides
 from cheaplunch.config import load_config
 from cheaplunch.registry import METHODS
 from common.errors import UserError
+from common.paths import CONFIG_DIR, REPO_ROOT
 
 
 def _run(*args):

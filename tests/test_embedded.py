@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from cheaplunch import REPO_ROOT
 from common.errors import DataError, UserError
+from common.paths import REPO_ROOT
 from tools.embedded import builder as E
 from tools.embedded import compositing as C
 from tools.embedded import sources as S

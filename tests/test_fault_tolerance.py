@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cheaplunch import REPO_ROOT
+from common.paths import REPO_ROOT
 
 TINY = ["--method", "montage", "--logger", "none", "model.arch=resnet18", "data.canvas=64", "data.batch_size=4",
         "data.num_workers=0", "data.max_side=64", "trainer.accelerator=cpu", "model.erf.refresh_every=5",

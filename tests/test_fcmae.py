@@ -349,9 +349,9 @@ def test_preview_pictures(tmp_path, tiny_embedded):
 
 
 def test_paper_config_resolves_to_the_paper_recipe():
-    from cheaplunch import CONFIG_DIR
     from cheaplunch.config import load_config
     from cheaplunch.registry import METHODS
+    from common.paths import CONFIG_DIR
     from lightning_modules.base import global_batch_size, peak_lr
 
     cfg = load_config(METHODS["fcmae"].config_path, CONFIG_DIR / "fcmae_paper.yaml")

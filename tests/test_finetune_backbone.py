@@ -8,10 +8,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cheaplunch import CONFIG_DIR
 from cheaplunch.config import load_config
 from cheaplunch.registry import TASKS
 from common.errors import UserError
+from common.paths import CONFIG_DIR
 from lightning_modules.base import PretrainModule
 from models.backbone_loading import load_backbone_weights, resolve_backbone
 from models.backbones import create_backbone

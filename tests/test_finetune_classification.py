@@ -110,7 +110,7 @@ def test_ddp_top1_equals_single_process(tiny_embedded, tmp_path):
     import subprocess
     import sys
 
-    from cheaplunch import REPO_ROOT
+    from common.paths import REPO_ROOT
 
     out = tmp_path / "ddp"
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}

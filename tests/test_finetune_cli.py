@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from cheaplunch import REPO_ROOT
+from common.paths import REPO_ROOT
 from finetune import main
 
 

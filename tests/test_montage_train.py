@@ -11,8 +11,8 @@ import timm
 import torch
 
 from callbacks.erf_refresh import ERFRefresh
-from cheaplunch import CONFIG_DIR, REPO_ROOT
 from cheaplunch.config import load_config
+from common.paths import CONFIG_DIR, REPO_ROOT
 from tests.wandb_offline import find_run_file, read_offline_run
 
 TINY = ["model.arch=resnet18", "data.canvas=96", "data.batch_size=4", "data.num_workers=0", "data.max_side=96",

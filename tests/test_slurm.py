@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from cheaplunch import REPO_ROOT
+from common.paths import REPO_ROOT
 from tests.slurm_cluster import slurm_available, start_cluster
 
 pytestmark = [pytest.mark.slow,

@@ -5,11 +5,12 @@ import pytest
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
 
-from cheaplunch import CONFIG_DIR, slurm
 from cheaplunch.config import BASE_CONFIG, load_config
 from cheaplunch.registry import METHODS
 from cheaplunch.runner import apply_slurm_environment, default_run_dir
+from common import slurm
 from common.errors import UserError
+from common.paths import CONFIG_DIR
 
 JOB = {"SLURM_NTASKS": "8", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "4", "SLURM_JOB_ID": "123456",
        "SLURM_JOB_NAME": "pretrain", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_PROCID": "5",

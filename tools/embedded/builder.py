@@ -57,8 +57,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from cheaplunch import DEFAULT_DATA_DIR
 from common.errors import DataError, UserError
+from common.paths import DEFAULT_DATA_DIR
 from datamodules.transforms import color_jitter, random_crop_resize, resize
 from tools.embedded import sources
 from tools.embedded.compositing import Composite, Layer, coco_annotation, composite
