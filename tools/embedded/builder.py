@@ -57,10 +57,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+import tools.embedded.sources as sources
 from common.errors import DataError, UserError
 from common.paths import DEFAULT_DATA_DIR
 from datamodules.transforms import color_jitter, random_crop_resize, resize
-from tools.embedded import sources
 from tools.embedded.compositing import Composite, Layer, coco_annotation, composite
 from tools.embedded.preview import write_preview
 from tools.embedded.sources import (
