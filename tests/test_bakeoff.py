@@ -85,7 +85,8 @@ def test_summarise_pairs_each_method_with_its_own_architecture():
 
 def test_plan_adds_the_controls(tmp_path):
     s = Settings(data=None, methods=["montage", "scratch"], tasks=["segmentation"], seeds=2, budget=Budget(steps=30),
-                 label_fractions=[1.0], inits={}, out=tmp_path, controls=True, control_factor=10)
+                 label_fractions=[1.0], inits={}, out=tmp_path, controls=True, control_method="supervised",
+                 control_factor=10)
     bake = BakeOff(s)
     probes = {p.key: p for p in bake.probes()}
     control_probe = probes["probe/pretrain/control_long"]
