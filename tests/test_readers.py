@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import cheaplunch
+import common.paths
 from common.errors import DataError, DataWarning, UserError
 from datamodules import readers as R
 from datamodules import segmentation_readers as SR
@@ -416,7 +416,7 @@ def test_resolve_train_only_datasets_for_pretraining(tiny_embedded, tmp_path):
 
 
 def test_resolve_none_builds_the_embedded_default(tmp_path, monkeypatch):
-    monkeypatch.setattr(cheaplunch, "DEFAULT_DATA_DIR", tmp_path / "embedded")
+    monkeypatch.setattr(common.paths, "DEFAULT_DATA_DIR", tmp_path / "embedded")
     p = resolve_dataset(None, embedded_size=3, seed=2)
     assert p.root == tmp_path / "embedded" and p.train_ann.is_file() and p.val_masks.is_dir()
     assert len(json.loads(p.train_ann.read_text())["images"]) == 3

@@ -33,6 +33,7 @@ def montage_datamodule(*overrides: str):
 
     return MontageDataModule(load_config(METHODS["montage"].config_path, overrides=list(overrides)))
 
+
 CATEGORIES = [(3, "cat"), (7, "rocket"), (12, "cup")]  # arbitrary COCO ids -> labels 0, 1, 2
 
 # ------------------------------------------------------------------------------------------------
