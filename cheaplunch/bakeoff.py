@@ -240,6 +240,7 @@ class BakeOff:
         """PROBE_STEPS-step runs measuring each pre-training's and each (task, arch) fine-tuning's cost per step (the
         probe's own settings come last, so the user's overrides cannot change its length)."""
         quick = [f"trainer.max_steps={PROBE_STEPS}", "checkpoint.every_n_steps=1000000"]
+        quick_finetune = [*quick, "trainer.val_check_interval=1000000", "trainer.limit_val_batches=1"]  # no validation
         runs = [Run(f"probe/pretrain/{m}", "probe", "train.py",
                     ["--method", m, *self.common, "--seed", "0", *self.s.pretrain_overrides, *quick],
                     self.s.out / "probe" / "pretrain" / m, self.archs[m], PROBE_STEPS, f"probe/pretrain/{m}")
@@ -247,15 +248,14 @@ class BakeOff:
         if self.s.controls:
             script, args = self.control_command()
             runs.append(Run(f"probe/pretrain/{POSITIVE_CONTROL}", "probe", script,
-                            [*args, *quick, "trainer.val_check_interval=1000000", "trainer.limit_val_batches=1"]
-                            if script == "finetune.py" else [*args, *quick],
+                            [*args, *(quick_finetune if script == "finetune.py" else quick)],
                             self.s.out / "probe" / "pretrain" / POSITIVE_CONTROL,
                             self.default_arch, PROBE_STEPS, f"probe/pretrain/{POSITIVE_CONTROL}"))
         for task in self.s.tasks:
             for arch in self.scratch_archs:
                 runs.append(Run(f"probe/{task}/{arch}", "probe", "finetune.py",
                                 [*self.task_args(task), "--backbone", "scratch", "--arch", arch, *self.s.overrides,
-                                 *quick, "trainer.val_check_interval=1000000", "trainer.limit_val_batches=1"],
+                                 *quick_finetune],
                                 self.s.out / "probe" / task / arch, arch, PROBE_STEPS, f"probe/{task}/{arch}"))
         return runs
 
