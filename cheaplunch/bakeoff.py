@@ -245,7 +245,7 @@ class BakeOff:
                     ["--method", m, *self.common, "--seed", "0", *self.s.pretrain_overrides, *quick],
                     self.s.out / "probe" / "pretrain" / m, self.archs[m], PROBE_STEPS, f"probe/pretrain/{m}")
                 for m in self.pretrain_methods]
-        if self.s.controls:
+        if self.s.controls and self.control_probe() == f"probe/pretrain/{POSITIVE_CONTROL}":
             script, args = self.control_command()
             runs.append(Run(f"probe/pretrain/{POSITIVE_CONTROL}", "probe", script,
                             [*args, *(quick_finetune if script == "finetune.py" else quick)],
@@ -268,6 +268,13 @@ class BakeOff:
                                    "--seed", "0", *self.s.overrides]
         return "train.py", ["--method", self.s.control_method, *self.common, "--seed", "0",
                             *self.s.pretrain_overrides, f"model.arch={self.default_arch}"]
+
+    def control_probe(self) -> str:
+        """Key of the probe measuring the positive control's cost per step: a detection control trains what the
+        default architecture's detection scratch probe already measures, when detection is a task."""
+        if self.s.control_method == "detection" and "detection" in self.s.tasks:
+            return f"probe/detection/{self.default_arch}"
+        return f"probe/pretrain/{POSITIVE_CONTROL}"
 
     def per_step(self, run: Run) -> tuple[float, float]:
         """(FLOPs, wall seconds) per optimizer step of a finished probe."""
@@ -318,7 +325,7 @@ class BakeOff:
                                                *s.pretrain_overrides],
                                          self.archs[m], info["pretrain_steps"][m], f"probe/pretrain/{m}"))
         if s.controls:
-            probe = f"probe/pretrain/{POSITIVE_CONTROL}"
+            probe = self.control_probe()
             steps, flops = budget_steps(probe, s.control_factor)
             info["pretrain_steps"][POSITIVE_CONTROL], info["pretrain_flops"][POSITIVE_CONTROL] = steps, flops
             script, args = self.control_command()

@@ -120,13 +120,21 @@ def test_detection_control_trains_the_detection_protocol(tmp_path):
     runs, info = bake.plan(probes)
     by_key = {r.key: r for r in runs}
     control = by_key["pretrain/control_long"]
-    assert control.script == "finetune.py" and probes["probe/pretrain/control_long"].script == "finetune.py"
+    # its cost per step is the detection scratch probe's (the same run), not a second probe of it
+    assert control.script == "finetune.py" and control.probe == "probe/detection/resnet18"
+    assert "probe/pretrain/control_long" not in probes
     args = control.args
     assert args[args.index("--task") + 1] == "detection" and args[args.index("--backbone") + 1] == "scratch"
     assert args[args.index("--config") + 1].endswith("bakeoff/detection.yaml") and "optim.lr=1e-3" in args
     assert args[-1] == "trainer.max_steps=300" and info["pretrain_steps"]["control_long"] == 300
     long0 = by_key["finetune/detection/f1/control_long/seed0"]
     assert long0.args[long0.args.index("--backbone") + 1] == str(tmp_path / "pretrain" / "control_long")
+    # without a detection task nothing else measures it: it gets a probe of its own, the detection protocol
+    seg = BakeOff(Settings(data=None, methods=["scratch"], tasks=["segmentation"], seeds=1, budget=Budget(steps=30),
+                           label_fractions=[1.0], inits={}, out=tmp_path, controls=True, control_method="detection"))
+    own = {p.key: p for p in seg.probes()}["probe/pretrain/control_long"]
+    assert own.script == "finetune.py" and own.args[own.args.index("--task") + 1] == "detection"
+    assert seg.control_probe() == "probe/pretrain/control_long"
     with pytest.raises(UserError, match="--control-method"):
         BakeOff(Settings(data=None, methods=["scratch"], tasks=["detection"], seeds=1, budget=Budget(steps=30),
                          label_fractions=[1.0], inits={}, out=tmp_path, controls=True, control_method="classification"))
