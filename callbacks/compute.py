@@ -87,6 +87,10 @@ class ComputeMeter(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.__dict__.pop("training_step", None)  # back to the class's method
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Written at the end of fit, not of the training loop: a run resumed from a checkpoint at its last step
+        (killed during its final validation) skips the loop, and its compute comes from the checkpoint."""
         if trainer.is_global_zero:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.summary(trainer), indent=2) + "\n")

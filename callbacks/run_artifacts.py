@@ -8,22 +8,34 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, WeightAveraging
 
 
 class ExportBackbone(Callback):
-    """Writes `backbone.pt` + `backbone.json` into the run folder when training ends (rank 0).
+    """Writes `backbone.pt` + `backbone.json` into the run folder when fit ends (rank 0): also when a run
+    resumed from a checkpoint at its last step skips the training loop.
 
-    With EMA enabled, Lightning's EMAWeightAveraging has swapped the averaged weights in by then, so
-    the EMA weights are the ones exported."""
+    With EMA enabled, Lightning's EMAWeightAveraging has swapped the averaged weights in by then (at the end of
+    the training loop), so the EMA weights are the ones exported."""
 
     def __init__(self, out_dir: Path | str) -> None:
         self.out_dir = Path(out_dir)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            path = pl_module.export_backbone(self.out_dir)
+            path = averaged_module(trainer, pl_module).export_backbone(self.out_dir)
             print(f"exported backbone -> {path}")
+
+
+def averaged_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
+    """The EMA copy of the module when a WeightAveraging callback keeps one, else the module. After a full loop the
+    two hold the same weights; a run resumed at its last step skips the loop end where Lightning copies the
+    average into the module."""
+    for callback in trainer.callbacks:
+        average = getattr(callback, "_average_model", None) if isinstance(callback, WeightAveraging) else None
+        if average is not None:
+            return average.module
+    return pl_module
 
 
 BN_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")

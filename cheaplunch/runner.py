@@ -116,7 +116,6 @@ def standard_callbacks(cfg: DictConfig, run_dir: Path, *, export: bool) -> list[
             milestones=list(s.milestones), gamma=float(s.gamma),
         ),
         ThroughputMonitor(batch_size_fn=batch_size_of),
-        CheckpointOnInterrupt(run_dir / "checkpoints" / "last.ckpt", every_n_steps=int(cfg.checkpoint.every_n_steps)),
     ]
     if cfg.ema.enabled:
         callbacks.append(EMAWeightAveraging(decay=float(cfg.ema.decay)))
@@ -126,6 +125,10 @@ def standard_callbacks(cfg: DictConfig, run_dir: Path, *, export: bool) -> list[
         callbacks.append(RankAudit(run_dir / "audit"))
     if int(cfg.logging.flops_steps) > 0:
         callbacks.append(ComputeMeter(run_dir / "compute.json", count=int(cfg.logging.flops_steps)))
+    # Last: it saves the state the others leave after a step (the EMA's update of that step included); Lightning
+    # moves only its own Checkpoint callbacks to the end of the list.
+    callbacks.append(CheckpointOnInterrupt(run_dir / "checkpoints" / "last.ckpt",
+                                           every_n_steps=int(cfg.checkpoint.every_n_steps)))
     return callbacks
 
 

@@ -65,3 +65,47 @@ def test_ema_weights_equal_hand_update_and_are_checkpointed(tmp_path):
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     for k, v in ckpt["state_dict"].items():
         torch.testing.assert_close(v, ema[k], rtol=1e-6, atol=1e-7)
+
+
+class _Exporting(_Tiny):
+    def export_backbone(self, out_dir):
+        path = out_dir / "backbone.pt"
+        torch.save({k: v.clone() for k, v in self.state_dict().items()}, path)
+        return path
+
+
+def test_a_run_resumed_at_its_last_step_still_writes_its_compute_and_exports_the_average(tmp_path):
+    """Killed after its last checkpoint (e.g. in the final validation), a re-run resumes at max_steps and Lightning
+    skips the training loop: compute.json and backbone.pt must still be written, with the EMA weights."""
+    import json
+
+    cfg = OmegaConf.load(BASE_CONFIG)
+    cfg.ema.enabled, cfg.ema.decay = True, 0.9
+    cfg.checkpoint.every_n_steps = 7
+    cfg.logging.flops_steps = 2
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 3, generator=g)
+    loader = DataLoader(TensorDataset(x, x[:, :2] * 2), batch_size=4)
+
+    def fit(ckpt_path=None):
+        trainer = L.Trainer(default_root_dir=tmp_path, max_steps=7, logger=False, enable_progress_bar=False,
+                            callbacks=standard_callbacks(cfg, tmp_path, export=True), enable_model_summary=False,
+                            accelerator="cpu")
+        trainer.fit(_Exporting(), loader, ckpt_path=ckpt_path)
+
+    fit()
+    first_compute = json.loads((tmp_path / "compute.json").read_text())
+    first_export = torch.load(tmp_path / "backbone.pt")
+    (tmp_path / "compute.json").unlink()
+    (tmp_path / "backbone.pt").unlink()
+    fit(tmp_path / "checkpoints" / "last.ckpt")  # the loop is skipped: nothing trains
+
+    again = json.loads((tmp_path / "compute.json").read_text())
+    assert again["optimizer_steps"] == 7 and first_compute["optimizer_steps"] == 7
+    for key in ("flops_per_step", "total_flops", "images_seen"):
+        assert again[key] == first_compute[key]
+    exported = torch.load(tmp_path / "backbone.pt")
+    raw = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["current_model_state"]
+    for k, v in exported.items():
+        torch.testing.assert_close(v, first_export[k])  # the average, as after the full run
+        assert not torch.allclose(v, raw[k])  # not the raw weights the resumed module holds
