@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         from cheaplunch.bakeoff_report import log_wandb, write_json, write_markdown, write_plot
 
         out = Path(args.out).resolve()
-        data = args.data or str(default_data())
+        data = str(Path(args.data).expanduser().resolve()) if args.data else str(default_data())  # runs start in the repo
         s = Settings(data=data, methods=list(args.methods),
                      tasks=list(TASKS) if args.task == "both" else [args.task], seeds=args.seeds,
                      budget=parse_budget(args.budget), label_fractions=sorted(set(args.label_fractions)),

@@ -75,7 +75,7 @@ def parse_budget(text: str) -> Budget:
 
 
 def parse_inits(items: Iterable[str]) -> dict[str, str]:
-    """--init NAME=PATH (repeatable) -> {name: path}."""
+    """--init NAME=PATH (repeatable) -> {name: absolute path}."""
     inits: dict[str, str] = {}
     for item in items:
         name, sep, path = item.partition("=")
@@ -84,8 +84,15 @@ def parse_inits(items: Iterable[str]) -> dict[str, str]:
         if name in inits or name.startswith(("scratch", "control_")) or name in METHODS:
             raise UserError(f"--init name '{name}' is taken (distinct, not a method, not starting with 'scratch' "
                             "or 'control_')")
-        inits[name] = path
+        inits[name] = str(Path(path).expanduser().resolve())  # the runs start in the repository, not here
     return inits
+
+
+# Config keys every run of a bake-off gets from the bake-off itself: an override would give every seed, or the
+# pre-training and its fine-tuning, the same or different values behind the plan's back.
+BAKEOFF_KEYS = {"seed": "from --seeds", "data.root": "from --data", "data.label_fraction": "from --label-fractions",
+                "data.label_count": "from --label-fractions", "data.subset_seed": "the same subset for every arm",
+                "logging.logger": "from --logger"}
 
 
 @dataclass
@@ -118,6 +125,11 @@ class Settings:
         for f in self.label_fractions:
             if not 0.0 < f <= 1.0:
                 raise UserError(f"--label-fractions: {f} is not in (0, 1]")
+        for override in (*self.overrides, *self.pretrain_overrides):
+            key = override.partition("=")[0]
+            if key in BAKEOFF_KEYS:
+                raise UserError(f"'{override}': the bake-off sets {key} itself ({BAKEOFF_KEYS[key]}); "
+                                "it cannot be overridden")
         if self.controls and self.control_method not in CONTROL_METHODS:
             raise UserError(f"--control-method must be one of {', '.join(CONTROL_METHODS)}, "
                             f"got '{self.control_method}'")
@@ -141,8 +153,30 @@ class Run:
     needs: str = ""  # key of the run whose output it reads (a fine-tuning's pre-training), if any
 
     def done(self) -> bool:
+        """Its outputs are there and it trained every step (a run stopped early by a signal writes them too)."""
         marker = "results.json" if self.script == "finetune.py" and self.kind != "probe" else "compute.json"
-        return (self.out / marker).is_file() and (self.out / "compute.json").is_file()
+        if not ((self.out / marker).is_file() and (self.out / "compute.json").is_file()):
+            return False
+        return int(self.compute().get("optimizer_steps") or 0) >= self.steps
+
+    @property
+    def record(self) -> Path:
+        """The script and arguments that made this folder (written before the run starts)."""
+        return self.out / "bakeoff_run.json"
+
+    def claim(self) -> None:
+        """Record this run's script and arguments in its folder; a folder made with other ones (the command or
+        its settings changed since) is a UserError, not a result to reuse or a checkpoint to resume."""
+        args = self.args  # less the logger, which changes no result
+        made_by = [self.script, *(a for i, a in enumerate(args) if "--logger" not in (a, args[i - 1] if i else ""))]
+        recorded = read_json(self.record)
+        if recorded is not None and recorded != made_by:
+            changed = sorted(set(map(str, recorded)) ^ set(made_by))
+            raise UserError(f"{self.out} was made by another command ({self.record}; differing arguments: "
+                            f"{' '.join(changed) or 'their order'}); give another --out or delete that folder")
+        if recorded is None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.record.write_text(json.dumps(made_by, indent=1) + "\n")
 
     def command(self) -> list[str]:
         """The command line: options first, then the key=value overrides in their order (argparse takes the
@@ -387,7 +421,12 @@ class BakeOff:
                     if not r.key.startswith(prefix) or not r.done():
                         continue
                     arm = r.key[len(prefix):].rsplit("/", 1)[0]
-                    values.setdefault(arm, []).append(headline(read_json(r.out / "results.json"), task))
+                    try:
+                        value = headline(read_json(r.out / "results.json"), task)
+                    except (KeyError, TypeError, ValueError):
+                        raise UserError(f"{r.out / 'results.json'}: no {task} metric in it (not a finished "
+                                        "fine-tuning's results); delete that run's folder to run it again") from None
+                    values.setdefault(arm, []).append(value)
                     archs[arm] = r.arch or read_arch(r.out)
                     c = costs.setdefault(arm, {"finetune_flops": 0.0})
                     c["finetune_flops"] = (c["finetune_flops"] or 0.0) + (r.compute().get("total_flops") or 0.0)

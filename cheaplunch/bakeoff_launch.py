@@ -21,6 +21,8 @@ def execute(runs: list[Run], estimate: Callable[[Run], float] | None = None, gro
 
     env = dict(os.environ, **({"WANDB_RUN_GROUP": group} if group else {}))
 
+    for run in runs:
+        run.claim()
     todo = [r for r in runs if not r.done()]
     left = sum(estimate(r) for r in todo) if estimate else None
     with tqdm(total=len(runs), initial=len(runs) - len(todo), desc="bake-off", unit="run", dynamic_ncols=True) as bar:
@@ -87,6 +89,8 @@ def execute_slurm(runs: list[Run], sbatch_args: list[str] = (), group: str | Non
 
     env = dict(os.environ, **({"WANDB_RUN_GROUP": group} if group else {}))
     jobs: dict[str, str] = {}
+    for run in runs:
+        run.claim()
     todo = [r for r in runs if not r.done()]
     for run in todo:
         run.out.mkdir(parents=True, exist_ok=True)

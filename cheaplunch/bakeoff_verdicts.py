@@ -88,4 +88,4 @@ def judge_control(row: ArmResult, scratch: list[float]) -> None:
         row.control_passed = row.vs_scratch_plain.mean > row.control_threshold and row.interval.n > 1
     else:
         row.control = "negative"
-        row.control_passed = row.verdict == TIE
+        row.control_passed = row.verdict == TIE and row.interval.n > 1  # one seed has no interval: it proves nothing

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cheaplunch.bakeoff import BakeOff, Budget, Settings, parse_budget, parse_inits
+from cheaplunch.bakeoff import BakeOff, Budget, Run, Settings, parse_budget, parse_inits
 from cheaplunch.bakeoff_verdicts import summarise
 from cheaplunch.stats import BETTER, TIE
 from common.errors import UserError
@@ -27,8 +27,40 @@ def test_parse_budget():
             parse_budget(bad)
 
 
-def test_parse_inits():
+def test_a_run_is_done_only_when_it_trained_every_step(tmp_path):
+    """A run stopped early by a signal (SLURM's USR1) writes its results too; it is not a finished run."""
+    run = Run("finetune/detection/f1/scratch/seed0", "finetune", "finetune.py", ["--seed", "0"], tmp_path, "resnet18",
+              steps=800)
+    assert not run.done()
+    (tmp_path / "results.json").write_text('{"bbox": {"AP": 0.1}}')
+    (tmp_path / "compute.json").write_text('{"optimizer_steps": 350}')
+    assert not run.done()
+    (tmp_path / "compute.json").write_text('{"optimizer_steps": 800}')
+    assert run.done()
+
+
+def test_a_folder_made_by_another_command_is_not_reused(tmp_path):
+    def run(*args):
+        return Run("pretrain/montage", "pretrain", "train.py", ["--method", "montage", *args], tmp_path / "m", "r18")
+
+    run("--logger", "csv", "trainer.max_steps=200").claim()
+    run("--logger", "wandb", "trainer.max_steps=200").claim()  # another logger changes no result
+    with pytest.raises(UserError, match=r"m was made by another command.*trainer.max_steps=1000"):
+        run("--logger", "csv", "trainer.max_steps=1000").claim()
+
+
+def test_overrides_of_what_the_bake_off_sets_are_refused(tmp_path):
+    for override in ("seed=1", "data.root=/elsewhere", "data.subset_seed=3"):
+        with pytest.raises(UserError, match=override.partition("=")[0]):
+            BakeOff(Settings(data=None, methods=["scratch"], tasks=["detection"], seeds=3, budget=Budget(steps=30),
+                             label_fractions=[1.0], inits={}, out=tmp_path, overrides=[override]))
+
+
+def test_parse_inits(tmp_path, monkeypatch):
     assert parse_inits(["imagenet=/x/a.pt"]) == {"imagenet": "/x/a.pt"}
+    # relative to where the user is, not to the repository the runs start in
+    monkeypatch.chdir(tmp_path)
+    assert parse_inits(["mine=ckpts/b.pt"]) == {"mine": str(tmp_path / "ckpts" / "b.pt")}
     for bad in (["noequals"], ["a=1", "a=2"], ["scratch=/x"], ["montage=/x"]):
         with pytest.raises(UserError, match="--init"):
             parse_inits(bad)
@@ -138,6 +170,13 @@ def test_detection_control_trains_the_detection_protocol(tmp_path):
     with pytest.raises(UserError, match="--control-method"):
         BakeOff(Settings(data=None, methods=["scratch"], tasks=["detection"], seeds=1, budget=Budget(steps=30),
                          label_fractions=[1.0], inits={}, out=tmp_path, controls=True, control_method="classification"))
+
+
+def test_controls_of_one_seed_pass_nothing():
+    archs = dict.fromkeys(("scratch", "control_long", "control_scratch"), "resnet18")
+    rows = {r.arm: r for r in summarise({"scratch": [0.10], "control_long": [0.30], "control_scratch": [0.10]},
+                                        "detection", 1.0, archs, {})}
+    assert rows["control_long"].control_passed is False and rows["control_scratch"].control_passed is False
 
 
 def test_controls_are_judged_against_plain_scratch():
