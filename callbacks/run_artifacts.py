@@ -23,7 +23,8 @@ class ExportBackbone(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            path = averaged_module(trainer, pl_module).export_backbone(self.out_dir)
+            # the step from the trainer: an EMA copy has none of its own
+            path = averaged_module(trainer, pl_module).export_backbone(self.out_dir, global_step=trainer.global_step)
             print(f"exported backbone -> {path}")
 
 

@@ -218,5 +218,5 @@ class PretrainModule(L.LightningModule):
 
     # ---- export -------------------------------------------------------------------------
     def export_backbone(self, out_dir: Path | str, **meta: Any) -> Path:
-        return export_backbone(self.backbone, self.arch, out_dir, method=type(self).__name__,
-                               global_step=int(self.global_step), **meta)
+        meta.setdefault("global_step", int(self.global_step))
+        return export_backbone(self.backbone, self.arch, out_dir, method=type(self).__name__, **meta)

@@ -68,9 +68,9 @@ def test_ema_weights_equal_hand_update_and_are_checkpointed(tmp_path):
 
 
 class _Exporting(_Tiny):
-    def export_backbone(self, out_dir):
+    def export_backbone(self, out_dir, global_step):
         path = out_dir / "backbone.pt"
-        torch.save({k: v.clone() for k, v in self.state_dict().items()}, path)
+        torch.save({"global_step": global_step, **{k: v.clone() for k, v in self.state_dict().items()}}, path)
         return path
 
 
@@ -105,6 +105,7 @@ def test_a_run_resumed_at_its_last_step_still_writes_its_compute_and_exports_the
     for key in ("flops_per_step", "total_flops", "images_seen"):
         assert again[key] == first_compute[key]
     exported = torch.load(tmp_path / "backbone.pt")
+    assert exported.pop("global_step") == first_export.pop("global_step") == 7
     raw = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["current_model_state"]
     for k, v in exported.items():
         torch.testing.assert_close(v, first_export[k])  # the average, as after the full run
