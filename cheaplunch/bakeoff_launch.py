@@ -57,6 +57,9 @@ srun {command}
 """
 
 
+SQUEUE_TRIES = 12  # polls without an answer from squeue before the collector gives up (the jobs keep running)
+
+
 def _sbatch(args: list[str], env: dict[str, str]) -> str:
     try:
         result = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True, env=env, timeout=120)
@@ -67,13 +70,35 @@ def _sbatch(args: list[str], env: dict[str, str]) -> str:
     return result.stdout.strip().split(";")[0]
 
 
-def _queued(job_ids: list[str], env: dict[str, str]) -> set[str]:
-    """The jobs among `job_ids` that SLURM still holds (pending, running, requeued, completing)."""
+def _queued(job_ids: list[str], env: dict[str, str]) -> set[str] | None:
+    """The jobs among `job_ids` that SLURM still holds (pending, running, requeued, completing); None when squeue
+    did not answer (a busy controller: ask again)."""
     if not job_ids:
         return set()
-    result = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)], capture_output=True, text=True,
-                            env=env, timeout=120)
+    try:
+        result = subprocess.run(["squeue", "-h", "-o", "%i", "-j", ",".join(job_ids)], capture_output=True,
+                                text=True, env=env, timeout=120)
+    except subprocess.TimeoutExpired:
+        return None
+    if result.returncode != 0:  # a job that ended long ago is forgotten: squeue -j says "Invalid job id"
+        return set() if "invalid job id" in result.stderr.lower() else None
     return {line.strip() for line in result.stdout.splitlines() if line.strip()}
+
+
+def _still_queued(run: Run, env: dict[str, str]) -> str | None:
+    """The job an earlier, interrupted bake-off submitted for `run`, if SLURM still holds it (or cannot say):
+    collected again instead of submitted twice into one folder."""
+    path = run.out / "slurm_job_id"
+    job = path.read_text().strip() if path.is_file() else ""
+    if not job:
+        return None
+    queued = _queued([job], env)
+    return job if queued is None or job in queued else None
+
+
+def _cancel(job_ids: list[str], env: dict[str, str]) -> None:
+    if job_ids:
+        subprocess.run(["scancel", *job_ids], capture_output=True, env=env, timeout=120)
 
 
 def execute_slurm(runs: list[Run], sbatch_args: list[str] = (), group: str | None = None,
@@ -93,6 +118,10 @@ def execute_slurm(runs: list[Run], sbatch_args: list[str] = (), group: str | Non
         run.claim()
     todo = [r for r in runs if not r.done()]
     for run in todo:
+        previous = _still_queued(run, env)
+        if previous:
+            jobs[run.key] = previous
+            continue
         run.out.mkdir(parents=True, exist_ok=True)
         script = run.out / "job.sbatch"
         script.write_text(SBATCH_TEMPLATE.format(name=re.sub(r"[^\w.-]", "_", run.key), log=run.log,
@@ -105,13 +134,20 @@ def execute_slurm(runs: list[Run], sbatch_args: list[str] = (), group: str | Non
     with tqdm(total=len(runs), initial=len(runs) - len(todo), desc="bake-off (SLURM)", unit="run",
               dynamic_ncols=True) as bar:
         waiting = dict(jobs)
+        silent = 0  # squeue polls in a row without an answer
         while waiting:
             queued = _queued(list(waiting.values()), env)
+            silent = silent + 1 if queued is None else 0
+            if silent >= SQUEUE_TRIES:
+                raise UserError(f"squeue did not answer {silent} times in a row; the jobs keep running: run the same "
+                                "command again to collect them")
             for key, job in list(waiting.items()):
-                if job in queued:
+                if queued is None or job in queued:
                     continue
                 run = by_key[key]
                 if not run.done():
+                    # its dependents would wait forever (afterok never holds): cancel them with it
+                    _cancel([waiting[k] for k in waiting if by_key[k].needs == key], env)
                     raise UserError(f"{key}: SLURM job {job} ended without its outputs; its log is "
                                     f"{run.log}: {run.log_tail()}")
                 del waiting[key]

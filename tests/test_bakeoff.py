@@ -229,3 +229,83 @@ def test_command_puts_overrides_last_in_order(tmp_path):
     cmd = run.command()
     assert cmd[-2:] == ["trainer.max_steps=5", "trainer.max_steps=9"]
     assert cmd[2:8] == ["--task", "detection", "--seed", "1", "--backbone", "/x/y.pt"]
+
+
+class _FakeSlurm:
+    """sbatch / squeue / scancel as subprocess.run sees them: job ids from 100, squeue answering from `queued`,
+    `on_poll(n)` called at the n-th squeue (1-based) before it answers; `failures` = squeue calls that time out."""
+
+    def __init__(self, on_poll=lambda n: None, failures=()):
+        self.queued, self.submitted, self.cancelled, self.polls = set(), [], [], 0
+        self.on_poll, self.failures = on_poll, set(failures)
+
+    def __call__(self, cmd, **kwargs):
+        if cmd[0] == "sbatch":
+            job = str(100 + len(self.submitted))
+            self.submitted.append(cmd)
+            self.queued.add(job)
+            return subprocess.CompletedProcess(cmd, 0, f"{job};cluster\n", "")
+        if cmd[0] == "scancel":
+            self.cancelled += cmd[1:]
+            return subprocess.CompletedProcess(cmd, 0, "", "")
+        assert cmd[0] == "squeue"
+        self.polls += 1
+        self.on_poll(self.polls)
+        if self.polls in self.failures:
+            return subprocess.CompletedProcess(cmd, 1, "", "slurm_load_jobs error: Socket timed out on send/recv")
+        ids = cmd[cmd.index("-j") + 1].split(",")
+        return subprocess.CompletedProcess(cmd, 0, "".join(f"{j}\n" for j in ids if j in self.queued), "")
+
+
+def _pretrain_and_finetune(tmp_path):
+    pre = Run("pretrain/montage", "pretrain", "train.py", ["--method", "montage"], tmp_path / "pre", "resnet18", 5)
+    ft = Run("finetune/detection/f1/montage/seed0", "finetune", "finetune.py", ["--seed", "0"], tmp_path / "ft",
+             "resnet18", 5, needs="pretrain/montage")
+    return pre, ft
+
+
+def _finish(run):
+    (run.out / "compute.json").write_text('{"optimizer_steps": 5}')
+    (run.out / "results.json").write_text('{"bbox": {"AP": 0.1}}')
+
+
+def test_slurm_collector_waits_out_squeue_failures_and_collects_a_job_submitted_before(tmp_path, monkeypatch):
+    """A re-run after the bake-off was interrupted collects the job still queued for a run instead of submitting
+    it twice; squeue timing out now and then is waited out."""
+    from cheaplunch import bakeoff_launch
+
+    pre, ft = _pretrain_and_finetune(tmp_path)
+    pre.out.mkdir(parents=True)
+    (pre.out / "slurm_job_id").write_text("7\n")
+
+    def on_poll(n):
+        if n == 4:  # both jobs end (poll 1 asked about job 7 before submitting, polls 2 and 3 time out)
+            _finish(pre), _finish(ft)
+            fake.queued.clear()
+
+    fake = _FakeSlurm(on_poll, failures={2, 3})
+    fake.queued.add("7")
+    monkeypatch.setattr(bakeoff_launch.subprocess, "run", fake)
+    bakeoff_launch.execute_slurm([pre, ft], poll_seconds=0)
+    assert len(fake.submitted) == 1 and "--dependency=afterok:7" in fake.submitted[0]  # only the fine-tuning
+    assert fake.polls == 4 and not fake.cancelled
+
+
+def test_slurm_collector_cancels_the_dependents_of_a_failed_job(tmp_path, monkeypatch):
+    from cheaplunch import bakeoff_launch
+
+    pre, ft = _pretrain_and_finetune(tmp_path)
+    fake = _FakeSlurm(lambda n: fake.queued.discard("100"))  # the pre-training ends without its outputs
+    monkeypatch.setattr(bakeoff_launch.subprocess, "run", fake)
+    with pytest.raises(UserError, match="pretrain/montage: SLURM job 100 ended without its outputs"):
+        bakeoff_launch.execute_slurm([pre, ft], poll_seconds=0)
+    assert fake.cancelled == ["101"]  # its fine-tuning, which afterok would hold forever
+
+
+def test_slurm_collector_gives_up_when_squeue_never_answers(tmp_path, monkeypatch):
+    from cheaplunch import bakeoff_launch
+
+    pre, _ = _pretrain_and_finetune(tmp_path)
+    monkeypatch.setattr(bakeoff_launch.subprocess, "run", _FakeSlurm(failures=range(1, 100)))
+    with pytest.raises(UserError, match="squeue did not answer 12 times"):
+        bakeoff_launch.execute_slurm([pre], poll_seconds=0)
