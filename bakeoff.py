@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="retinanet | faster_rcnn | mask_rcnn (default: the protocol's, configs/bakeoff/detection.yaml)")
     parser.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per arm (default 3)")
     parser.add_argument("--budget", default="200steps",
-                        help="pre-training compute per method: FLOPs (e.g. 3e15) or steps (e.g. 500steps)")
+                        help="pre-training compute, the same for every method: FLOPs (e.g. 3e15), or steps (e.g. "
+                             "500steps) of the first method listed, whose FLOPs every other method then gets in its "
+                             "own steps (default 200steps)")
     parser.add_argument("--label-fractions", type=float, nargs="+", default=[1.0], metavar="F",
                         help="fractions of the labelled images to fine-tune on (a nested subset); label-using "
                              "methods also pre-train on it")
@@ -62,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "detection (the detection protocol trained from scratch; its backbone is fine-tuned "
                              f"again) (default {Settings.control_method})")
     parser.add_argument("--control-factor", type=float, default=Settings.control_factor,
-                        help=f"the positive control's pre-training compute in budgets (default {Settings.control_factor:g})")
+                        help="the positive control's pre-training in budgets; with a budget in steps, in its own "
+                             f"steps (default {Settings.control_factor:g})")
     parser.add_argument("--dry-run", action="store_true",
                         help="run the 8-step probes, print the plan with each arm's measured cost and the "
                              "estimated total, and stop")

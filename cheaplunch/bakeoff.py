@@ -5,8 +5,8 @@ It is a plan of independent runs, one folder each under ``--out``:
 
 1. ``probe/...``: an 8-step run of every pre-training method and of every (task, architecture) fine-tuning,
    whose ``compute.json`` (``callbacks.compute.ComputeMeter``) gives the FLOPs and seconds per step;
-2. ``pretrain/<method>[_f<fraction>]``: ``train.py --method <method>`` for the budget (a FLOPs budget is
-   divided by the method's measured FLOPs per step);
+2. ``pretrain/<method>[_f<fraction>]``: ``train.py --method <method>`` for the budget, the same FLOPs for every
+   method, divided by its measured FLOPs per step (a budget of N steps is N steps of the first method listed);
 3. ``finetune/<task>/f<fraction>/<arm>/seed<k>``: ``finetune.py --task <task> --config
    configs/bakeoff/<task>.yaml`` (the protocol) from each backbone, from scratch, and from each ``--init``.
 
@@ -15,7 +15,8 @@ Scratch appears twice per architecture: ``scratch`` (the plain fine-tuning sched
 FLOPs per step: equal total compute, He et al. 2019). A method's verdict is its seed-paired difference to
 ``scratch+`` of its own architecture (better / tie / worse from the 95% interval); the difference to
 plain ``scratch`` is shown beside it. A finished run is never re-run and an interrupted one resumes from
-its ``last.ckpt`` (every run is launched with ``--resume auto``), so re-running the command continues.
+its ``last.ckpt`` (every run is launched with ``--resume auto``), so re-running the command continues; a folder
+that another command made (other settings) is an error, not a result.
 """
 
 from __future__ import annotations
@@ -331,11 +332,22 @@ class BakeOff:
         """Pre-training and fine-tuning runs, and the budget arithmetic behind them (from the probes)."""
         s, info = self.s, {"pretrain_steps": {}, "pretrain_flops": {}, "scratch_plus_steps": {}}
         runs: list[Run] = []
+        # The budget in FLOPs: --budget's, or its steps of the reference run (the first pre-training method, else
+        # the positive control), so that every method gets the same compute in its own number of steps.
+        reference = f"probe/pretrain/{self.pretrain_methods[0]}" if self.pretrain_methods else self.control_probe()
+        if s.budget.flops is not None:
+            budget = s.budget.flops
+        elif self.pretrain_methods or s.controls:
+            budget = s.budget.steps * self.per_step(probes[reference])[0]
+            info["budget_reference"] = reference.removeprefix("probe/pretrain/")
+        else:
+            budget = 0.0
+        info["budget_flops"] = budget
 
         def budget_steps(probe: str, factor: float = 1.0) -> tuple[int, float]:
             """(steps, FLOPs) of `factor` budgets for the run the probe measured."""
             flops, _ = self.per_step(probes[probe])
-            steps = max(1, round(factor * (s.budget.steps if s.budget.steps is not None else s.budget.flops / flops)))
+            steps = max(1, round(factor * budget / flops))
             return steps, steps * flops
 
         def pretrain_run(name: str, args: list[str], arch: str, steps: int, probe: str,
@@ -346,8 +358,9 @@ class BakeOff:
 
         for m in self.pretrain_methods:
             info["pretrain_steps"][m], info["pretrain_flops"][m] = budget_steps(f"probe/pretrain/{m}")
+        # scratch+ of an architecture no method pre-trains serves only the --init arms (whose architecture is theirs)
         budget_by_arch = {arch: max([info["pretrain_flops"][m] for m in self.pretrain_methods
-                                     if self.archs[m] == arch] or [s.budget.flops or 0.0])
+                                     if self.archs[m] == arch] or [budget if s.inits else 0.0])
                           for arch in self.scratch_archs}
         for fraction in s.label_fractions:
             for m in self.pretrain_methods:
@@ -360,7 +373,11 @@ class BakeOff:
                                          self.archs[m], info["pretrain_steps"][m], f"probe/pretrain/{m}"))
         if s.controls:
             probe = self.control_probe()
-            steps, flops = budget_steps(probe, s.control_factor)
+            if s.budget.steps is not None:  # a check of the protocol, not an arm of the comparison: its own steps
+                steps = max(1, round(s.control_factor * s.budget.steps))
+                flops = steps * self.per_step(probes[probe])[0]
+            else:
+                steps, flops = budget_steps(probe, s.control_factor)
             info["pretrain_steps"][POSITIVE_CONTROL], info["pretrain_flops"][POSITIVE_CONTROL] = steps, flops
             script, args = self.control_command()
             runs.append(pretrain_run(POSITIVE_CONTROL, args, self.default_arch, steps, probe, script))

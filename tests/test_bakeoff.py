@@ -101,6 +101,37 @@ def test_plan_gives_equal_compute_to_scratch_plus(tmp_path):
     assert fcmae.arch == "convnextv2_atto" and str(tmp_path / "pretrain" / "fcmae" / "backbone.pt") in fcmae.args
 
 
+def test_a_steps_budget_is_the_first_methods_steps_and_every_method_gets_its_flops(tmp_path):
+    s = Settings(data=None, methods=["montage", "fcmae", "scratch"], tasks=["detection"], seeds=1,
+                 budget=Budget(steps=100), label_fractions=[1.0], inits={}, out=tmp_path)
+    bake = BakeOff(s)
+    probes = {p.key: p for p in bake.probes()}
+    for key, flops in {"probe/pretrain/montage": 2e9, "probe/pretrain/fcmae": 8e9, "probe/detection/resnet18": 4e9,
+                       "probe/detection/convnextv2_atto": 5e9}.items():
+        _fake_probe(probes[key], flops, 0.5)
+    runs, info = bake.plan(probes)
+    assert info["budget_reference"] == "montage" and info["budget_flops"] == 100 * 2e9
+    assert info["pretrain_steps"] == {"montage": 100, "fcmae": 25}  # 2e11 FLOPs each
+    assert info["pretrain_flops"] == {"montage": 2e11, "fcmae": 2e11}
+    plain = bake.plain_steps("detection")
+    assert info["scratch_plus_steps"] == {"detection/resnet18": plain + 50, "detection/convnextv2_atto": plain + 40}
+
+
+def test_no_scratch_plus_for_an_architecture_nothing_pretrains(tmp_path):
+    """--methods fcmae: the default architecture's scratch stays (the controls' baseline), its scratch+ would
+    be compared with nothing; with an --init arm it is planned for that arm."""
+    def plan(inits):
+        bake = BakeOff(Settings(data=None, methods=["fcmae", "scratch"], tasks=["detection"], seeds=1,
+                                budget=Budget(flops=1e12), label_fractions=[1.0], inits=inits, out=tmp_path))
+        probes = {p.key: p for p in bake.probes()}
+        for probe in probes.values():
+            _fake_probe(probe, 1e9, 0.1)
+        return {r.key.split("/")[3] for r in bake.plan(probes)[0] if r.kind == "finetune"}
+
+    assert plan({}) == {"scratch", "scratch_convnextv2_atto", "scratch+_convnextv2_atto", "fcmae"}
+    assert "scratch+" in plan({"mine": "/x/b.pt"})
+
+
 def test_summarise_pairs_each_method_with_its_own_architecture():
     values = {"scratch": [0.10, 0.12, 0.11], "scratch+": [0.15, 0.16, 0.14], "montage": [0.20, 0.22, 0.21],
               "scratch_convnextv2_atto": [0.05, 0.06, 0.07], "scratch+_convnextv2_atto": [0.08, 0.09, 0.07],
@@ -125,9 +156,11 @@ def test_plan_adds_the_controls(tmp_path):
     assert control_probe.args[:2] == ["--method", "supervised"] and "model.arch=resnet18" in control_probe.args
     for probe in probes.values():
         _fake_probe(probe, 1e9, 0.1)
+    _fake_probe(probes["probe/pretrain/montage"], 3e9, 0.1)  # the steps budget's reference: 30 x 3e9 FLOPs
     runs, info = bake.plan(probes)
     by_key = {r.key: r for r in runs}
-    # the positive control pre-trains for 10 budgets (30 steps x 10) and is fine-tuned from its backbone
+    assert info["pretrain_flops"]["montage"] == 30 * 3e9
+    # the positive control pre-trains for 10 budgets, in its own steps (30 x 10), and is fine-tuned from its backbone
     assert info["pretrain_steps"]["control_long"] == 300 and "trainer.max_steps=300" in by_key["pretrain/control_long"].args
     long0 = by_key["finetune/segmentation/f1/control_long/seed0"]
     assert long0.needs == "pretrain/control_long" and str(tmp_path / "pretrain/control_long") in long0.args
