@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--control-factor", type=float, default=Settings.control_factor,
                         help="the positive control's pre-training in budgets; with a budget in steps, in its own "
                              f"steps (default {Settings.control_factor:g})")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep every checkpoint of finished runs (by default a fine-tuning's are deleted once it "
+                             "is done, about 1 GB each, and a pre-training keeps only last.ckpt and backbone.pt)")
     parser.add_argument("--dry-run", action="store_true",
                         help="run the 8-step probes, print the plan with each arm's measured cost and the "
                              "estimated total, and stop")
@@ -100,9 +103,10 @@ def main(argv: list[str] | None = None) -> int:
 
         def run_all(runs, estimate=None) -> None:
             if args.launcher == "slurm":
-                execute_slurm(runs, shlex.split(args.sbatch_args), group=out.name)
+                execute_slurm(runs, shlex.split(args.sbatch_args), group=out.name,
+                              keep_checkpoints=args.keep_checkpoints)
             else:
-                execute(runs, estimate=estimate, group=out.name)
+                execute(runs, estimate=estimate, group=out.name, keep_checkpoints=args.keep_checkpoints)
 
         probes = bake.probes()
         print(f"probing {len(probes)} runs ({PROBE_STEPS} steps each) for their cost per step ...")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -159,6 +160,20 @@ class Run:
         if not ((self.out / marker).is_file() and (self.out / "compute.json").is_file()):
             return False
         return int(self.compute().get("optimizer_steps") or 0) >= self.steps
+
+    def prune(self) -> None:
+        """Free the disk a finished run holds (a fine-tuning checkpoint with its optimizer and EMA state is about
+        190 MB, written every 200 steps): a probe's or fine-tuning's checkpoints go (the bake-off reads only their
+        results); a pre-training keeps last.ckpt, which a detection control's fine-tunings read."""
+        folder = self.out / "checkpoints"
+        if not folder.is_dir():
+            return
+        if self.kind != "pretrain":
+            shutil.rmtree(folder)
+            return
+        for path in folder.glob("*.ckpt"):
+            if path.name != "last.ckpt":
+                path.unlink()
 
     @property
     def record(self) -> Path:

@@ -13,10 +13,11 @@ from common.errors import UserError
 from common.paths import REPO_ROOT
 
 
-def execute(runs: list[Run], estimate: Callable[[Run], float] | None = None, group: str | None = None) -> None:
+def execute(runs: list[Run], estimate: Callable[[Run], float] | None = None, group: str | None = None,
+            keep_checkpoints: bool = False) -> None:
     """Run what is not done, in order, one at a time, under a progress bar with the time spent and an
     estimate of what is left (from `estimate(run)` seconds, else from the runs done so far). `group` becomes
-    every run's W&B group (WANDB_RUN_GROUP)."""
+    every run's W&B group (WANDB_RUN_GROUP). Finished runs are pruned (Run.prune) unless `keep_checkpoints`."""
     from tqdm import tqdm
 
     env = dict(os.environ, **({"WANDB_RUN_GROUP": group} if group else {}))
@@ -36,6 +37,8 @@ def execute(runs: list[Run], estimate: Callable[[Run], float] | None = None, gro
                 code = subprocess.call(run.command(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
             if code != 0 or not run.done():
                 raise UserError(f"{run.key} failed (exit {code}); its log is {run.log}: {run.log_tail()}")
+            if not keep_checkpoints:
+                run.prune()
             if left is not None and estimate is not None:
                 left = max(left - estimate(run), 0.0)
             bar.update(1)
@@ -102,7 +105,7 @@ def _cancel(job_ids: list[str], env: dict[str, str]) -> None:
 
 
 def execute_slurm(runs: list[Run], sbatch_args: list[str] = (), group: str | None = None,
-                  poll_seconds: float = 5.0) -> None:
+                  poll_seconds: float = 5.0, keep_checkpoints: bool = False) -> None:
     """Submit every run that is not done as its own SLURM job (``out/job.sbatch``, log ``out/bakeoff.log``),
     a fine-tuning after its pre-training (``--dependency=afterok``), then wait for all under a progress bar.
     A job that leaves the queue without its outputs is a UserError naming its log. Jobs are requeued on
@@ -150,6 +153,8 @@ def execute_slurm(runs: list[Run], sbatch_args: list[str] = (), group: str | Non
                     _cancel([waiting[k] for k in waiting if by_key[k].needs == key], env)
                     raise UserError(f"{key}: SLURM job {job} ended without its outputs; its log is "
                                     f"{run.log}: {run.log_tail()}")
+                if not keep_checkpoints:
+                    run.prune()
                 del waiting[key]
                 bar.update(1)
             bar.set_postfix_str(f"{len(waiting)} jobs queued or running")

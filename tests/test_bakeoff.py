@@ -342,3 +342,26 @@ def test_slurm_collector_gives_up_when_squeue_never_answers(tmp_path, monkeypatc
     monkeypatch.setattr(bakeoff_launch.subprocess, "run", _FakeSlurm(failures=range(1, 100)))
     with pytest.raises(UserError, match="squeue did not answer 12 times"):
         bakeoff_launch.execute_slurm([pre], poll_seconds=0)
+
+
+def test_finished_runs_give_back_their_checkpoints_unless_kept(tmp_path, monkeypatch):
+    from cheaplunch import bakeoff_launch
+
+    def fake_run(cmd, **kwargs):
+        """A run writing its step, last and final checkpoints and its outputs."""
+        out = Path(cmd[cmd.index("--out") + 1])
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        for name in ("step0000200.ckpt", "last.ckpt", "final.ckpt"):
+            (out / "checkpoints" / name).write_text("weights")
+        _finish(next(r for r in runs if r.out == out))
+        return 0
+
+    monkeypatch.setattr(bakeoff_launch.subprocess, "call", fake_run)
+    runs = _pretrain_and_finetune(tmp_path / "pruned")
+    bakeoff_launch.execute(runs)
+    pre, ft = runs
+    assert [p.name for p in (pre.out / "checkpoints").iterdir()] == ["last.ckpt"]  # the control's fine-tunings read it
+    assert not (ft.out / "checkpoints").exists() and ft.done()
+    runs = _pretrain_and_finetune(tmp_path / "kept")
+    bakeoff_launch.execute(runs, keep_checkpoints=True)
+    assert len(list((runs[1].out / "checkpoints").iterdir())) == 3
