@@ -44,7 +44,8 @@ def control_lines(rows: list[ArmResult], s: Settings) -> list[str]:
         if r.control == "positive":
             lines.append(f"- Positive control ({where}): {s.control_method} pre-training for {s.control_factor:g}x the "
                          f"budget minus scratch = {diff} (paired); needs a mean gain above {POSITIVE_MARGIN:g} x the "
-                         f"larger seed SD of the two arms = {100 * (r.control_threshold or 0.0):.2f}: "
+                         f"seed SD (the larger of the control's and that of every scratch run, control_scratch included) = "
+                         f"{100 * (r.control_threshold or 0.0):.2f}: "
                          f"**{'passed' if r.control_passed else 'FAILED: the protocol cannot see a real gain'}**.")
         else:
             lines.append(f"- Negative control ({where}): scratch with seeds {NEGATIVE_SEED_OFFSET}.. minus scratch = "

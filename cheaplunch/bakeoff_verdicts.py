@@ -39,7 +39,7 @@ class ArmResult:
     verdict: str | None = None
     control: str | None = None  # positive | negative (the protocol's controls), else None
     control_passed: bool | None = None
-    control_threshold: float | None = None  # positive control: the gain it needs (POSITIVE_MARGIN x the larger seed SD)
+    control_threshold: float | None = None  # positive control: the gain it needs (POSITIVE_MARGIN x seed SD, see judge_control)
 
     @property
     def total_flops(self) -> float:
@@ -71,14 +71,17 @@ def summarise(values: dict[str, list[float]], task: str, fraction: float, archs:
             if plain and len(values[plain]) == len(vals):
                 row.vs_scratch_plain = paired_difference(vals, values[plain])
                 if is_control:
-                    judge_control(row, values[plain])
+                    # the seed SD from every scratch run of this architecture: scratch and the negative control
+                    others = values.get(NEGATIVE_CONTROL, []) if archs.get(NEGATIVE_CONTROL) == archs.get(arm) else []
+                    judge_control(row, values[plain] + (others if arm == POSITIVE_CONTROL else []))
         rows.append(row)
     return rows
 
 
 def judge_control(row: ArmResult, scratch: list[float]) -> None:
-    """Positive control: passes when it beats scratch by more than POSITIVE_MARGIN seed standard deviations
-    (the larger of the two arms' sample SDs), i.e. the protocol can see a real pre-training gain. Negative
+    """Positive control: passes when its paired gain over scratch exceeds POSITIVE_MARGIN seed standard deviations
+    (the larger of its own sample SD and that of `scratch`, every scratch run of its architecture: an SD from 3
+    seeds alone is uncertain by a factor of 3), i.e. the protocol can see a real pre-training gain. Negative
     control (scratch, other seeds): passes when the paired interval says tie, i.e. seeds alone make no verdict."""
     assert row.vs_scratch_plain is not None
     row.verdict = verdict(row.vs_scratch_plain)

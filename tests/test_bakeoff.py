@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cheaplunch.bakeoff import BakeOff, Budget, Run, Settings, parse_budget, parse_inits
@@ -220,7 +221,11 @@ def test_controls_are_judged_against_plain_scratch():
                                          "control_scratch": [0.11, 0.10, 0.12]}, "detection", 1.0, archs, {})}
     assert rows["control_long"].control == "positive" and rows["control_long"].control_passed
     assert rows["control_long"].vs_scratch_plain.mean == pytest.approx(0.10)
-    assert rows["control_long"].control_threshold == pytest.approx(3 * 0.01)  # 3 x the larger seed SD (both 0.01)
+    # 3 x the larger of the control's seed SD (0.01) and that of all six scratch runs (0.0089, numpy below)
+    assert rows["control_long"].control_threshold == pytest.approx(3 * 0.01)
+    pooled = {"scratch": scratch, "control_long": [0.20, 0.20, 0.20], "control_scratch": [0.14, 0.08, 0.10]}
+    row = {r.arm: r for r in summarise(pooled, "detection", 1.0, archs, {})}["control_long"]
+    assert row.control_threshold == pytest.approx(3 * np.std(scratch + [0.14, 0.08, 0.10], ddof=1))
     assert rows["control_long"].vs_scratch_equal is None  # not compared at equal compute: it had 10x the budget
     assert rows["control_scratch"].control == "negative" and rows["control_scratch"].control_passed
     assert rows["control_scratch"].verdict == TIE
