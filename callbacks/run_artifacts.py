@@ -15,8 +15,7 @@ class ExportBackbone(Callback):
     """Writes `backbone.pt` + `backbone.json` into the run folder when fit ends (rank 0): also when a run
     resumed from a checkpoint at its last step skips the training loop.
 
-    With EMA enabled, Lightning's EMAWeightAveraging has swapped the averaged weights in by then (at the end of
-    the training loop), so the EMA weights are the ones exported."""
+    With EMA enabled, the averaged weights are the ones exported (`averaged_module`)."""
 
     def __init__(self, out_dir: Path | str) -> None:
         self.out_dir = Path(out_dir)

@@ -347,22 +347,23 @@ class BakeOff:
         """Pre-training and fine-tuning runs, and the budget arithmetic behind them (from the probes)."""
         s, info = self.s, {"pretrain_steps": {}, "pretrain_flops": {}, "scratch_plus_steps": {}}
         runs: list[Run] = []
-        # The budget in FLOPs: --budget's, or its steps of the reference run (the first pre-training method, else
-        # the positive control), so that every method gets the same compute in its own number of steps.
+
+        def in_flops(probe: str) -> float:
+            """--budget in FLOPs: as given, or its steps of the run `probe` measured."""
+            return s.budget.flops if s.budget.flops is not None else s.budget.steps * self.per_step(probes[probe])[0]
+
+        # Every method gets the same FLOPs in its own number of steps; a budget in steps is counted in those of the
+        # reference run (the first pre-training method, else the positive control).
         reference = f"probe/pretrain/{self.pretrain_methods[0]}" if self.pretrain_methods else self.control_probe()
-        if s.budget.flops is not None:
-            budget = s.budget.flops
-        elif self.pretrain_methods or s.controls:
-            budget = s.budget.steps * self.per_step(probes[reference])[0]
+        budget = in_flops(reference) if s.budget.flops is not None or self.pretrain_methods or s.controls else 0.0
+        if s.budget.flops is None and budget:
             info["budget_reference"] = reference.removeprefix("probe/pretrain/")
-        else:
-            budget = 0.0
         info["budget_flops"] = budget
 
-        def budget_steps(probe: str, factor: float = 1.0) -> tuple[int, float]:
-            """(steps, FLOPs) of `factor` budgets for the run the probe measured."""
+        def budget_steps(probe: str, factor: float = 1.0, flops_budget: float = budget) -> tuple[int, float]:
+            """(steps, FLOPs) of `factor` x `flops_budget` for the run the probe measured."""
             flops, _ = self.per_step(probes[probe])
-            steps = max(1, round(factor * budget / flops))
+            steps = max(1, round(factor * flops_budget / flops))
             return steps, steps * flops
 
         def pretrain_run(name: str, args: list[str], arch: str, steps: int, probe: str,
@@ -388,11 +389,8 @@ class BakeOff:
                                          self.archs[m], info["pretrain_steps"][m], f"probe/pretrain/{m}"))
         if s.controls:
             probe = self.control_probe()
-            if s.budget.steps is not None:  # a check of the protocol, not an arm of the comparison: its own steps
-                steps = max(1, round(s.control_factor * s.budget.steps))
-                flops = steps * self.per_step(probes[probe])[0]
-            else:
-                steps, flops = budget_steps(probe, s.control_factor)
+            # a check of the protocol, not an arm of the comparison: a budget in steps counts its own steps
+            steps, flops = budget_steps(probe, s.control_factor, in_flops(probe))
             info["pretrain_steps"][POSITIVE_CONTROL], info["pretrain_flops"][POSITIVE_CONTROL] = steps, flops
             script, args = self.control_command()
             runs.append(pretrain_run(POSITIVE_CONTROL, args, self.default_arch, steps, probe, script))

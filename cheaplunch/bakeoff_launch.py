@@ -13,6 +13,13 @@ from common.errors import UserError
 from common.paths import REPO_ROOT
 
 
+def _pending(runs: list[Run]) -> list[Run]:
+    """The runs not done yet, after every folder is checked against the command that made it (Run.claim)."""
+    for run in runs:
+        run.claim()
+    return [r for r in runs if not r.done()]
+
+
 def execute(runs: list[Run], estimate: Callable[[Run], float] | None = None, group: str | None = None,
             keep_checkpoints: bool = False) -> None:
     """Run what is not done, in order, one at a time, under a progress bar with the time spent and an
@@ -22,9 +29,7 @@ def execute(runs: list[Run], estimate: Callable[[Run], float] | None = None, gro
 
     env = dict(os.environ, **({"WANDB_RUN_GROUP": group} if group else {}))
 
-    for run in runs:
-        run.claim()
-    todo = [r for r in runs if not r.done()]
+    todo = _pending(runs)
     left = sum(estimate(r) for r in todo) if estimate else None
     with tqdm(total=len(runs), initial=len(runs) - len(todo), desc="bake-off", unit="run", dynamic_ncols=True) as bar:
         for run in todo:
@@ -88,15 +93,13 @@ def _queued(job_ids: list[str], env: dict[str, str]) -> set[str] | None:
     return {line.strip() for line in result.stdout.splitlines() if line.strip()}
 
 
-def _still_queued(run: Run, env: dict[str, str]) -> str | None:
-    """The job an earlier, interrupted bake-off submitted for `run`, if SLURM still holds it (or cannot say):
-    collected again instead of submitted twice into one folder."""
-    path = run.out / "slurm_job_id"
-    job = path.read_text().strip() if path.is_file() else ""
-    if not job:
-        return None
-    queued = _queued([job], env)
-    return job if queued is None or job in queued else None
+def _still_queued(runs: list[Run], env: dict[str, str]) -> dict[str, str]:
+    """{run key: job} of the jobs an earlier, interrupted bake-off submitted for `runs` that SLURM still holds (all
+    of them when squeue cannot say), in one squeue call: collected again instead of submitted twice into a folder."""
+    earlier = {r.key: (r.out / "slurm_job_id").read_text().strip() for r in runs if (r.out / "slurm_job_id").is_file()}
+    earlier = {key: job for key, job in earlier.items() if job}
+    queued = _queued(list(earlier.values()), env)
+    return {key: job for key, job in earlier.items() if queued is None or job in queued}
 
 
 def _cancel(job_ids: list[str], env: dict[str, str]) -> None:
@@ -117,13 +120,11 @@ def execute_slurm(runs: list[Run], sbatch_args: list[str] = (), group: str | Non
 
     env = dict(os.environ, **({"WANDB_RUN_GROUP": group} if group else {}))
     jobs: dict[str, str] = {}
-    for run in runs:
-        run.claim()
-    todo = [r for r in runs if not r.done()]
+    todo = _pending(runs)
+    previous = _still_queued(todo, env)
     for run in todo:
-        previous = _still_queued(run, env)
-        if previous:
-            jobs[run.key] = previous
+        if run.key in previous:
+            jobs[run.key] = previous[run.key]
             continue
         run.out.mkdir(parents=True, exist_ok=True)
         script = run.out / "job.sbatch"

@@ -71,9 +71,11 @@ def summarise(values: dict[str, list[float]], task: str, fraction: float, archs:
             if plain and len(values[plain]) == len(vals):
                 row.vs_scratch_plain = paired_difference(vals, values[plain])
                 if is_control:
-                    # the seed SD from every scratch run of this architecture: scratch and the negative control
-                    others = values.get(NEGATIVE_CONTROL, []) if archs.get(NEGATIVE_CONTROL) == archs.get(arm) else []
-                    judge_control(row, values[plain] + (others if arm == POSITIVE_CONTROL else []))
+                    scratch_runs = values[plain]
+                    if arm == POSITIVE_CONTROL and archs.get(NEGATIVE_CONTROL) == archs.get(arm):
+                        # the seed SD from every scratch run of this architecture: the negative control's too
+                        scratch_runs = scratch_runs + values.get(NEGATIVE_CONTROL, [])
+                    judge_control(row, scratch_runs)
         rows.append(row)
     return rows
 
