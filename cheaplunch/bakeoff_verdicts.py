@@ -14,6 +14,7 @@ HEADLINE = {"detection": ("bbox", "AP"), "segmentation": ("mIoU",)}  # the metri
 # POSITIVE_MARGIN seed standard deviations; scratch with other seeds must tie with scratch.
 POSITIVE_CONTROL, NEGATIVE_CONTROL = "control_long", "control_scratch"
 POSITIVE_MARGIN = 3.0
+UNPAIRED = "no verdict"  # the arm and its scratch+ have different numbers of seeds
 
 
 def headline(results: dict[str, Any], task: str) -> float:
@@ -65,9 +66,12 @@ def summarise(values: dict[str, list[float]], task: str, fraction: float, archs:
             same = [a for a in values if a.startswith("scratch") and archs.get(a) == archs.get(arm)]
             equal = next((a for a in same if a.startswith("scratch+")), None)
             plain = next((a for a in same if not a.startswith("scratch+")), None)
-            if equal and len(values[equal]) == len(vals) and not is_control:
-                row.vs_scratch_equal = paired_difference(vals, values[equal])
-                row.verdict = verdict(row.vs_scratch_equal)
+            if equal and not is_control:
+                if len(values[equal]) == len(vals):
+                    row.vs_scratch_equal = paired_difference(vals, values[equal])
+                    row.verdict = verdict(row.vs_scratch_equal)
+                else:  # said in the row, not dropped: a run of one arm is missing, so seeds cannot be paired
+                    row.verdict = f"{UNPAIRED}: {len(vals)} seeds vs {len(values[equal])} of {equal}"
             if plain and len(values[plain]) == len(vals):
                 row.vs_scratch_plain = paired_difference(vals, values[plain])
                 if is_control:

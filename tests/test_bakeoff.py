@@ -147,6 +147,14 @@ def test_summarise_pairs_each_method_with_its_own_architecture():
     assert rows["scratch"].verdict is None
 
 
+def test_a_verdict_needs_every_seed_paired():
+    values = {"scratch": [0.10, 0.12, 0.11], "scratch+": [0.15, 0.16], "montage": [0.20, 0.22, 0.21]}
+    rows = {r.arm: r for r in summarise(values, "detection", 1.0, dict.fromkeys(values, "resnet18"), {})}
+    assert rows["montage"].verdict == "no verdict: 3 seeds vs 2 of scratch+"
+    assert rows["montage"].vs_scratch_equal is None
+    assert rows["montage"].vs_scratch_plain.mean == pytest.approx(0.10)  # the plain pairing is complete
+
+
 def test_plan_adds_the_controls(tmp_path):
     s = Settings(data=None, methods=["montage", "scratch"], tasks=["segmentation"], seeds=2, budget=Budget(steps=30),
                  label_fractions=[1.0], inits={}, out=tmp_path, controls=True, control_method="supervised",
