@@ -35,7 +35,6 @@ class ERFRefresh(Callback):
         self.tau = tau
         self.chunk_size = chunk_size
         self.bn_mode = bn_mode
-        self.refresh_steps: list[int] = []  # steps at which a refresh ran in this process (for tests/logs)
 
     def due(self, step: int, last_refresh_step: int) -> bool:
         """A refresh is due at the start (never computed) and at every multiple of every_n_steps."""
@@ -64,7 +63,6 @@ class ERFRefresh(Callback):
         weights = trainer.strategy.broadcast(weights, src=0)
         pl_module.erf_weights.copy_(weights.to(pl_module.erf_weights))
         pl_module.erf_step.fill_(step)
-        self.refresh_steps.append(step)
         if trainer.is_global_zero:
             pl_module.log("erf/own_region_weight", self._own_weight(weights, pl_module), rank_zero_only=True)
             log_images(trainer, "erf", [erf_heatmap_grid(erf.cpu())], [f"ERF at step {step}"])

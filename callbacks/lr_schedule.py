@@ -59,14 +59,6 @@ def timm_scheduler(
     return MultiStepLRScheduler(optimizer, decay_t=decay_t, decay_rate=gamma, warmup_prefix=False, **warmup)
 
 
-def scheduled_lr(step: int, **schedule: Any) -> float:
-    """Learning rate of optimizer step `step` (0-based) under `timm_scheduler(**schedule)` (for plots and tests)."""
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=schedule["base_lr"])
-    scheduler = timm_scheduler(optimizer, **schedule)
-    scheduler.step_update(step)
-    return float(optimizer.param_groups[0]["lr"])
-
-
 def steps_per_epoch(trainer: L.Trainer) -> int:
     """Optimizer steps in one epoch: the training batches per epoch over the accumulation, rounded up as
     Lightning steps on an epoch's last, partial accumulation. Not the total steps over the epochs: that

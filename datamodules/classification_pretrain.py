@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from common.errors import DataError, UserError
 from common.images import normalize_255
@@ -224,19 +224,6 @@ def eval_resize_crop(images: torch.Tensor, size: int, resize_ratio: float = 256 
 
 
 # ------------------------------------------------------------------------------------------ data module
-class IndexDataset(Dataset):
-    """Items are row numbers into a cache; the collate function gathers and transforms a whole batch."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return int(i)
-
-
 class _TrainCollate:
     def __init__(self, cache: ImageCache, rows: torch.Tensor, transform: TrainTransform) -> None:
         self.cache, self.rows, self.transform = cache, rows, transform
@@ -358,10 +345,11 @@ class SupervisedDataModule(L.LightningDataModule):
         if n < bs:
             raise UserError(f"data.batch_size {bs} is larger than the {n} training images")
         collate = _TrainCollate(self.split("train"), self.train_rows, self.train_transform())
-        return DataLoader(IndexDataset(n), batch_size=bs, shuffle=True, drop_last=True, collate_fn=collate,
+        # the items are row numbers into the cache; the collate function gathers and transforms a whole batch
+        return DataLoader(range(n), batch_size=bs, shuffle=True, drop_last=True, collate_fn=collate,
                           **loader_kwargs(self.cfg))
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")
-        return val_loader(IndexDataset(len(self.val_labels)), int(self.cfg.data.val_batch_size),
+        return val_loader(range(len(self.val_labels)), int(self.cfg.data.val_batch_size),
                           _EvalCollate(self.val_images, self.val_labels), self.cfg)

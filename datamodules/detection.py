@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import numpy as np
@@ -181,7 +180,3 @@ class DetectionDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return val_loader(self.val_set, int(self.cfg.data.val_batch_size), collate_detection, self.cfg)
-
-    def describe(self) -> dict[str, Any]:
-        return {"train_images": len(self.train_set) if self.train_set else None,
-                "val_images": len(self.val_set) if self.val_set else None, "root": str(self.paths.root)}

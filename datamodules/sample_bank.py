@@ -73,6 +73,7 @@ from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
+from tqdm.auto import tqdm
 
 from common.errors import DataError, UserError
 from datamodules.sample_plan import DEFAULT_NEGATIVES_AVOID, SamplePlan, check_negatives_avoid, plan_samples
@@ -97,11 +98,6 @@ def aspect_group_codes(widths: np.ndarray, heights: np.ndarray) -> np.ndarray:
     codes[ratio < 0.5] = GROUP_CODES["T"]
     codes[ratio > 1.5] = GROUP_CODES["W"]
     return codes
-
-
-def aspect_group(width: float, height: float) -> str:
-    """Group name ("S", "T" or "W") of one box."""
-    return GROUPS[int(aspect_group_codes(np.array([width]), np.array([height]))[0])]
 
 
 @dataclass(frozen=True)
@@ -185,7 +181,6 @@ class SampleBank:
         self.ann_ids: np.ndarray = index["ann_ids"]  # GT annotation id of each positive, -1 for negatives
         self.source_boxes: np.ndarray = index["source_boxes"]  # (N, 4) x, y, w, h in source pixels
         self.stored_scale: np.ndarray = index["stored_scale"]
-        self.image_paths: dict[int, str] = {int(k): v for k, v in self.info["image_paths"].items()}
         self._crops: np.ndarray | None = None
         self._rows: list[tuple[int, list[int]]] | None = None  # (offset, (h, w)) as Python ints, for speed
 
@@ -323,10 +318,6 @@ class SampleBank:
         """Names of labels 0..C, the last being "background"."""
         return [*self.info["class_names"], BACKGROUND_NAME]
 
-    @property
-    def seed(self) -> int:
-        return int(self.info["settings"]["seed"])
-
     def group_indices(self, group: str) -> np.ndarray:
         """Sample indices of one aspect group."""
         return np.flatnonzero(self.group_codes == GROUP_CODES[group])
@@ -397,7 +388,7 @@ def _write_bank(
 
     starts = np.flatnonzero(np.r_[True, plan.image_index[1:] != plan.image_index[:-1]]) if n else np.zeros(0, int)
     ends = np.r_[starts[1:], n].astype(np.int64)
-    bar = _progress(len(starts), progress)
+    bar = tqdm(total=len(starts), desc="sample bank", unit="img", leave=False, disable=not progress)
     for s, e in zip(starts, ends):
         im = images[int(plan.image_index[s])]
         pixels = read_fn(Path(im.path))
@@ -446,21 +437,3 @@ def _write_bank(
         "negatives_short": plan.negatives_short,
         "image_paths": {str(int(im.id)): str(im.path) for im in images if int(im.id) in used},
     }
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm ships with lightning
-        return _NoBar()
-    return tqdm(total=total, desc="sample bank", unit="img", leave=False)

@@ -35,9 +35,9 @@ from common.errors import UserError
 from models.export import DECODER_FILE, load_state_strict, load_weights, read_backbone
 
 SCRATCH = "scratch"
-# Prefixes a backbone's keys may carry in a Lightning checkpoint, tried in order. `backbone.` is where
-# every module of this project keeps it (PretrainModule and the fine-tuning modules).
-CHECKPOINT_PREFIXES = ("backbone.",)
+# Where every module of this project keeps its backbone in a Lightning checkpoint (PretrainModule and the
+# fine-tuning modules).
+CHECKPOINT_PREFIX = "backbone."
 # torch.compile wraps a module as `_orig_mod`; the keys underneath are the model's own.
 COMPILE_PREFIX = "_orig_mod."
 # Where a contrastive checkpoint keeps its DeepLab decoder (lightning_modules/contrastive.py: self.embed.decoder).
@@ -66,11 +66,6 @@ class BackboneSource:
         return self.state is None
 
 
-def _torch_load(path: Path, what: str) -> Any:
-    """torch.load with weights_only=True and a one-line error naming the file (``models.export.load_weights``)."""
-    return load_weights(path, what)
-
-
 def _is_state_dict(obj: Any) -> bool:
     """A non-empty mapping of names to tensors."""
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
@@ -85,15 +80,11 @@ def backbone_from_checkpoint(ckpt: dict[str, Any], path: Path) -> tuple[dict[str
     state = ckpt.get("state_dict")
     if not isinstance(state, dict):
         raise UserError(f"{path}: a Lightning checkpoint without a 'state_dict'")
-    backbone: dict[str, torch.Tensor] = {}
-    for prefix in CHECKPOINT_PREFIXES:
-        backbone = _strip(state, prefix)
-        if backbone:
-            break
+    backbone = _strip(state, CHECKPOINT_PREFIX)
     if not backbone:
         heads = sorted({k.split(".")[0] for k in state})[:8]
         raise UserError(f"{path}: checkpoint has no backbone weights (no keys starting with "
-                        f"{' or '.join(CHECKPOINT_PREFIXES)}; top-level names: {', '.join(heads)})")
+                        f"{CHECKPOINT_PREFIX}; top-level names: {', '.join(heads)})")
     hparams = ckpt.get("hyper_parameters") or {}
     arch = None
     with contextlib.suppress(KeyError, TypeError):
@@ -128,13 +119,13 @@ def resolve_backbone(spec: str, arch: str | None = None, default_arch: str | Non
     if path.with_suffix(".json").is_file() and path.suffix == ".pt":
         state, info = read_backbone(path)
         decoder_path = path.with_name(DECODER_FILE)
-        decoder = _torch_load(decoder_path, "decoder weights") if decoder_path.is_file() else None
+        decoder = load_weights(decoder_path, "decoder weights") if decoder_path.is_file() else None
         if decoder is not None and not _is_state_dict(decoder):
             raise UserError(f"{decoder_path}: not a state_dict of decoder weights")
         rates = (info.get("decoder") or {}).get("atrous_rates")
         return BackboneSource(arch or info["arch"], state, f"exported backbone {path} ({info['arch']})", info,
                               decoder=decoder, decoder_rates=rates)
-    obj = _torch_load(path, "backbone weights")
+    obj = load_weights(path, "backbone weights")
     if isinstance(obj, dict) and "state_dict" in obj and ("hyper_parameters" in obj or "pytorch-lightning_version" in obj):
         state, file_arch = backbone_from_checkpoint(obj, path)
         chosen = arch or file_arch

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
-from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d
+from timm.layers import BatchNormAct2d, freeze_batch_norm_2d
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -31,7 +31,6 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from common.errors import UserError
 from common.images import IMAGENET_MEAN, IMAGENET_STD
@@ -45,23 +44,6 @@ FPN_STRIDES = {"retinanet": (8, 16, 32), "faster_rcnn": (4, 8, 16, 32), "mask_rc
 
 
 # ------------------------------------------------------------------------------- normalisation
-def _frozen_copy(bn: nn.BatchNorm2d) -> nn.Module:
-    """A frozen copy of a BatchNorm layer: running statistics and affine parameters become buffers."""
-    if isinstance(bn, BatchNormAct2d):  # timm's BN + activation in one module: keep the activation
-        frozen: nn.Module = FrozenBatchNormAct2d(bn.num_features, eps=bn.eps, apply_act=False)
-        frozen.drop, frozen.act = bn.drop, bn.act
-    else:
-        frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps)
-    with torch.no_grad():
-        if bn.affine:
-            frozen.weight.copy_(bn.weight)
-            frozen.bias.copy_(bn.bias)
-        if bn.running_mean is not None:
-            frozen.running_mean.copy_(bn.running_mean)
-            frozen.running_var.copy_(bn.running_var)
-    return frozen
-
-
 def _group_norm_copy(bn: nn.BatchNorm2d, groups: int, name: str) -> nn.Module:
     """GroupNorm with the BN's affine parameters (its statistics have no GroupNorm counterpart). A channel
     count that `groups` does not divide is a UserError naming the layer `name` (no silent other group count)."""
@@ -96,12 +78,13 @@ def convert_norm(module: nn.Module, norm: str, gn_groups: int = 32) -> nn.Module
     if norm == "gn" and gn_groups < 1:
         raise UserError(f"model.gn_groups must be >= 1, got {gn_groups}")
 
+    if norm == "frozen_bn":  # statistics and affine as buffers; timm's BN + activation keeps its activation
+        return freeze_batch_norm_2d(module)
+
     def swap(parent: nn.Module, prefix: str) -> None:
         for name, child in parent.named_children():
             if isinstance(child, (nn.BatchNorm2d, nn.SyncBatchNorm)):
-                new = (_frozen_copy(child) if norm == "frozen_bn"
-                       else _group_norm_copy(child, gn_groups, prefix + name))
-                setattr(parent, name, new)
+                setattr(parent, name, _group_norm_copy(child, gn_groups, prefix + name))
             else:
                 swap(child, f"{prefix}{name}.")
 

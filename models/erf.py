@@ -51,13 +51,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = [
-    "compute_erf",
-    "compute_erf_bruteforce",
-    "soft_label_weights",
-    "position_regions_from_masks",
-]
-
 ErfMethod = Literal["auto", "loop", "vmap", "func"]
 METHODS: tuple[str, ...] = ("auto", "loop", "vmap", "func")
 BatchNormMode = Literal["eval", "train"]

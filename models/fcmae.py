@@ -218,7 +218,6 @@ class FCMAE(nn.Module):
         self.mask_ratio = float(mask_ratio)
         self.patch_size = int(patch_size)
         self.norm_pix_loss = bool(norm_pix_loss)
-        self.in_chans = in_chans
         self.proj = nn.Conv2d(self.encoder.num_features, decoder_dim, kernel_size=1)
         self.mask_token = nn.Parameter(torch.zeros(1, decoder_dim, 1, 1))
         self.decoder = nn.Sequential(*[ConvNeXtV2Block(decoder_dim) for _ in range(decoder_depth)])
@@ -294,7 +293,3 @@ class FCMAE(nn.Module):
         m = mask.reshape(n, h * w, 1).float()
         merged = patchify(images.float(), p) * (1 - m) + patches * m
         return unpatchify(merged, p, h, w, images.shape[1])
-
-
-__all__ = ["FCMAE", "MaskedEncoder", "ConvNeXtV2Block", "fcmae_loss", "num_masked", "patchify", "patch_targets",
-           "random_mask", "unpatchify", "upsample_mask"]

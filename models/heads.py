@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["DenseClassifier"]
-
 
 class DenseClassifier(nn.Module):
     """1x1 conv giving class logits (B, K, h, w) at every feature position (Zhou et al., ECCV 2020, the

@@ -18,8 +18,6 @@ from torch import Tensor
 
 from models.montage_canvas import POSITIONS
 
-__all__ = ["soft_cross_entropy", "global_loss", "blockwise_loss", "erf_dense_loss"]
-
 
 def soft_cross_entropy(logits: Tensor, target: Tensor, dim: int = 1, reduction: str = "mean") -> Tensor:
     """-sum_k p_k log softmax(logits)_k along ``dim`` (the class dim), by ``F.cross_entropy`` with class

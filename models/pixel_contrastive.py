@@ -329,15 +329,3 @@ def partner_views(feats_distorted: torch.Tensor, labels: torch.Tensor, shift: in
     b = feats_distorted.shape[0]
     idx = (torch.arange(b, device=labels.device) + rank * b + int(shift)) % (b * world)
     return all_feats[idx], all_labels[idx]
-
-
-def naive_memory_bytes(n_pixels: int, n_keys: int | None = None, batch: int = 1, dtype_bytes: int = 4) -> int:
-    """Size of one B x N x M similarity matrix (what a non-chunked implementation holds, several times)."""
-    return int(batch) * int(n_pixels) * int(n_keys if n_keys is not None else n_pixels) * dtype_bytes
-
-
-__all__ = [
-    "FORMULATIONS", "IGNORE_INDEX", "LOSSES", "SAMPLING", "batch_loss", "cross_image_loss", "downsample_labels",
-    "gather_with_grad", "naive_memory_bytes", "partner_shift", "partner_views", "pixel_contrastive_loss",
-    "sample_pixels", "within_image_loss",
-]

@@ -124,7 +124,8 @@ def test_colour_richness_separates_flat_drawings_from_photos():
 def test_built_files_match_the_composites(tiny_embedded):
     root = tiny_embedded
     info = E.read_build_info(root)
-    cfg = E.EmbeddedConfig.from_settings(info["settings"])
+    settings = {k: v for k, v in info["settings"].items() if k in E.EmbeddedConfig.__dataclass_fields__}
+    cfg = E.EmbeddedConfig(**{**settings, "scale": tuple(settings.get("scale", E.EmbeddedConfig.scale))})
     comp = E.Compositor(cfg, S.read_stamp_list(), S.load_backgrounds())
     for split in S.SPLITS:
         coco = json.loads((root / "annotations" / f"instances_{split}.json").read_text())

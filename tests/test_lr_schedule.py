@@ -9,7 +9,14 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callbacks.lr_schedule import WarmupCosineLR, scheduled_lr
+from callbacks.lr_schedule import WarmupCosineLR, timm_scheduler
+
+
+def scheduled_lr(step: int, **schedule) -> float:
+    """Learning rate of optimizer step `step` (0-based) under `timm_scheduler(**schedule)`."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=schedule["base_lr"])
+    timm_scheduler(optimizer, **schedule).step_update(step)
+    return float(optimizer.param_groups[0]["lr"])
 
 
 def test_hand_computed_values():

@@ -21,8 +21,12 @@ from torchvision.ops import box_iou
 
 from common.errors import DataError, UserError
 from datamodules.readers import load_coco
-from datamodules.sample_bank import GROUPS, SampleBank, aspect_group, aspect_group_codes
+from datamodules.sample_bank import GROUPS, SampleBank, aspect_group_codes
 from datamodules.sample_plan import NEGATIVES_AVOID, plan_samples
+
+
+def aspect_group(width: float, height: float) -> str:
+    return GROUPS[int(aspect_group_codes(np.array([width]), np.array([height]))[0])]
 
 
 def montage_datamodule(*overrides: str):

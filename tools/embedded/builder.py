@@ -93,13 +93,6 @@ class EmbeddedConfig:
     min_visible_fraction: float = 0.15  # of the object's own mask, below which it is not annotated
     jpeg_quality: int = 92  # written with 4:4:4 chroma (no subsampling: crisp object edges)
 
-    @classmethod
-    def from_settings(cls, settings: dict) -> EmbeddedConfig:
-        """The config recorded in a ``build_info.json`` (to re-draw a built image, e.g. in tests)."""
-        kwargs = {k: settings[k] for k in cls.__dataclass_fields__ if k in settings}
-        kwargs["scale"] = tuple(kwargs.get("scale", cls.scale))
-        return cls(**kwargs)
-
     def n_images(self, split: str) -> int:
         if split == "train":
             return self.size
