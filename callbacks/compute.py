@@ -43,10 +43,6 @@ class ComputeMeter(Callback):
         self.step_seconds: list[float] = []  # optimizer steps neither counted nor the first (their speed, uninstrumented)
 
     # ---- counting ---------------------------------------------------------------------------------
-    def _counting(self, trainer: L.Trainer) -> bool:
-        done = len(self.step_flops)
-        return done < self.count and trainer.global_step >= self.skip
-
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._started = time.perf_counter()
         training_step = pl_module.training_step
@@ -63,7 +59,7 @@ class ComputeMeter(Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         self._images += batch_size_of(batch)
-        self._wanted = self._counting(trainer)
+        self._wanted = len(self.step_flops) < self.count and trainer.global_step >= self.skip
         if batch_idx % trainer.accumulate_grad_batches == 0:
             self._batch_started = time.perf_counter()
 

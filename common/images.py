@@ -220,10 +220,7 @@ def draw_cell_borders(image: np.ndarray, layout: CellLayout,
     """A copy of the montage with the preset cell borders drawn (1 px)."""
     out = image.copy()
     for x, y, w, h in layout.cell_boxes().values():
-        out[y, x : x + w] = colour
-        out[y + h - 1, x : x + w] = colour
-        out[y : y + h, x] = colour
-        out[y : y + h, x + w - 1] = colour
+        cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), colour, 1)
     return out
 
 

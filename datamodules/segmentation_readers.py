@@ -7,7 +7,7 @@ opened (missing or unpaired files, sizes from the headers), with a ``DataError``
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,12 @@ def segmentation_layout(root: str | Path) -> str:
     )
 
 
+def _with_mask(img: Path, mask: Path) -> tuple[Path, Path]:
+    if not mask.is_file():
+        raise DataError(f"no mask for image {img}: expected {mask}")
+    return img, mask
+
+
 def _pair_by_stem(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
     if not images_dir.is_dir():
         raise DataError(f"image folder not found: {images_dir}")
@@ -69,13 +75,7 @@ def _pair_by_stem(images_dir: Path, masks_dir: Path) -> list[tuple[Path, Path]]:
     images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {images_dir}")
-    pairs = []
-    for img in images:
-        mask = masks_dir / f"{img.stem}.png"
-        if not mask.is_file():
-            raise DataError(f"no mask for image {img}: expected {mask}")
-        pairs.append((img, mask))
-    return pairs
+    return [_with_mask(img, masks_dir / f"{img.stem}.png") for img in images]
 
 
 def find_segmentation_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
@@ -98,9 +98,7 @@ def find_segmentation_pairs(root: str | Path, split: str) -> list[tuple[Path, Pa
             img, mask = voc / "JPEGImages" / f"{stem}.jpg", voc / "SegmentationClass" / f"{stem}.png"
             if not img.is_file():
                 raise DataError(f"image {img} listed in {list_file} not found")
-            if not mask.is_file():
-                raise DataError(f"no mask for image {img}: expected {mask}")
-            pairs.append((img, mask))
+            pairs.append(_with_mask(img, mask))
         return pairs
     # cityscapes
     split_dir = root / "leftImg8bit" / split
@@ -109,14 +107,8 @@ def find_segmentation_pairs(root: str | Path, split: str) -> list[tuple[Path, Pa
     images = sorted(split_dir.glob("*/*_leftImg8bit.png"))
     if not images:
         raise DataError(f"no */*_leftImg8bit.png images in {split_dir}")
-    pairs = []
-    for img in images:
-        stem = img.name[: -len("_leftImg8bit.png")]
-        mask = root / "gtFine" / split / img.parent.name / f"{stem}_gtFine_labelIds.png"
-        if not mask.is_file():
-            raise DataError(f"no mask for image {img}: expected {mask}")
-        pairs.append((img, mask))
-    return pairs
+    return [_with_mask(img, root / "gtFine" / split / img.parent.name
+                       / f"{img.name.removesuffix('_leftImg8bit.png')}_gtFine_labelIds.png") for img in images]
 
 
 def segmentation_class_names(root: str | Path) -> list[str] | None:
@@ -158,7 +150,7 @@ class SegmentationFolder:
 
     Build it from two folders paired by file stem (``SegmentationFolder(images_dir, masks_dir)``) or
     from a dataset root in VOC / Cityscapes / project layout (``SegmentationFolder.from_root(root,
-    split)``). With ``check_sizes`` every pair's sizes are compared from the file headers up front."""
+    split)``). Every pair's sizes are compared from the file headers up front."""
 
     def __init__(
         self,
@@ -168,8 +160,6 @@ class SegmentationFolder:
         pairs: Sequence[tuple[Path, Path]] | None = None,
         class_names: Sequence[str] | None = None,
         label_lut: np.ndarray | None = None,
-        transform: Callable[[np.ndarray, np.ndarray], Any] | None = None,
-        check_sizes: bool = True,
     ) -> None:
         if pairs is None:
             if images_dir is None or masks_dir is None:
@@ -180,14 +170,12 @@ class SegmentationFolder:
             raise DataError(f"no image/mask pairs in {images_dir}")
         self.class_names = list(class_names) if class_names is not None else None
         self.label_lut = label_lut
-        self.transform = transform
-        if check_sizes:
-            for img, mask in self.pairs:
-                try:
-                    sizes = image_size(img), image_size(mask)
-                except DataError:
-                    continue  # a file that does not open is data.bad_images' to report or skip (image_check)
-                self._check_size(img, mask, *sizes)
+        for img, mask in self.pairs:  # sizes from the file headers, up front
+            try:
+                sizes = image_size(img), image_size(mask)
+            except DataError:
+                continue  # a file that does not open is data.bad_images' to report or skip (image_check)
+            self._check_size(img, mask, *sizes)
 
     @classmethod
     def from_root(cls, root: str | Path, split: str, **kwargs: Any) -> SegmentationFolder:
@@ -215,6 +203,5 @@ class SegmentationFolder:
             label = self.label_lut[label]
         return image, label
 
-    def __getitem__(self, index: int) -> Any:
-        image, label = self.load(index)
-        return self.transform(image, label) if self.transform is not None else (image, label)
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.load(index)

@@ -19,6 +19,7 @@ from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers
 from torch import nn
 
 from common.errors import UserError
+from common.images import normalize
 from models.backbones import create_backbone
 from models.export import export_backbone, state_mismatch
 
@@ -114,6 +115,10 @@ class PretrainModule(L.LightningModule):
         self.peak_lr: float = float(cfg.optim.lr)
         # FLOPs of one training batch, if a method knows them: ThroughputMonitor then logs FLOP/s / MFU.
         self.flops_per_batch: int | None = None
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (0..255) or float (0..1) RGB batch -> ImageNet-normalised float (``common.images.normalize``)."""
+        return normalize(images, channels_last=bool(self.cfg.runtime.channels_last))
 
     # ---- hooks for subclasses -------------------------------------------------------------
     def build_heads(self) -> None:

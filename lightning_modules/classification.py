@@ -18,6 +18,8 @@ Metrics: top-1 / top-5 accuracy over the whole val split (counts summed over ran
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -64,10 +66,7 @@ class ClassificationModule(FinetuneModule):
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of a normalised batch: backbone (pooled, ConvNeXt: + LayerNorm) -> [probe BN] -> Linear."""
-        if self.freeze_backbone:
-            with torch.no_grad():
-                pooled = self.backbone(x)
-        else:
+        with torch.no_grad() if self.freeze_backbone else contextlib.nullcontext():
             pooled = self.backbone(x)
         return self.head(self.dropout(self.probe_norm(pooled)))
 

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from callbacks.image_logging import log_images
 from common.errors import UserError
-from common.images import normalize, overlay_labels, to_uint8_image
+from common.images import overlay_labels, to_uint8_image
 from datamodules.distorted import DistortedBatch
 from lightning_modules.base import PretrainModule
 from models.export import DECODER_FILE
@@ -34,7 +34,6 @@ from models.pixel_contrastive import (
     IGNORE_INDEX,
     LOSSES,
     SAMPLING,
-    cross_image_loss,
     downsample_labels,
     partner_shift,
     partner_views,
@@ -77,9 +76,6 @@ class ContrastiveModule(PretrainModule):
                     chunk_size=None if m.chunk_size is None else int(m.chunk_size),
                     max_pixels=None if m.max_pixels is None else int(m.max_pixels), sampling=str(m.sampling))
 
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return normalize(images, channels_last=bool(self.cfg.runtime.channels_last))
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 or float images -> (B, proj_dim, H / loss_stride, W / loss_stride) unit features."""
         s = int(self.cfg.model.loss_stride)
@@ -98,12 +94,10 @@ class ContrastiveModule(PretrainModule):
         if kw["max_pixels"] is not None:
             kw["generator"] = torch.Generator().manual_seed((seed * 1_000_003 + int(self.global_step)) * 1009 + rank)
         kind = str(self.cfg.model.loss)
-        if kind == "cross":
-            shift = partner_shift(b * world, int(self.global_step), seed)
-            fo, lo = partner_views(fd, labels, shift)
-            loss = cross_image_loss(f, fd, labels, fo, lo, **kw)
-        else:
-            loss = pixel_contrastive_loss(kind, f, fd, labels, **kw)
+        fo = lo = None
+        if kind == "cross":  # each image against another one's distorted view
+            fo, lo = partner_views(fd, labels, partner_shift(b * world, int(self.global_step), seed))
+        loss = pixel_contrastive_loss(kind, f, fd, labels, fo, lo, **kw)
         self._maybe_log_images(batch, labels)
         valid = (labels != IGNORE_INDEX).float().mean()
         return {"loss": loss, f"loss_{kind}": loss.detach(), "valid_pixels": valid}

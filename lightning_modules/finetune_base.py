@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from common.images import normalize
 from lightning_modules.base import PretrainModule
 from models.backbone_loading import load_backbone_weights
 
@@ -78,10 +77,6 @@ class FinetuneModule(PretrainModule):
         if getattr(self, "freeze_backbone", False):
             self.backbone.eval()
         return self
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (0..255) or float (0..1) RGB batch -> ImageNet-normalised float (``common.images.normalize``)."""
-        return normalize(images, channels_last=bool(self.cfg.runtime.channels_last))
 
     # ---- evaluation record --------------------------------------------------------------------
     def history_file(self) -> Path | None:
