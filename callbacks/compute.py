@@ -41,6 +41,10 @@ class ComputeMeter(Callback):
         self._images_before = 0
         self._batch_started: float | None = None
         self.step_seconds: list[float] = []  # optimizer steps neither counted nor the first (their speed, uninstrumented)
+        self.data_seconds: list[float] = []  # waits for the next batch between two steps (no validation between)
+        self._step_ended: float | None = None
+        self.validations: list[tuple[float, int]] = []  # (seconds, batches) of each validation, sanity check excluded
+        self._validation_started: float | None = None
 
     # ---- counting ---------------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -62,6 +66,8 @@ class ComputeMeter(Callback):
         self._wanted = len(self.step_flops) < self.count and trainer.global_step >= self.skip
         if batch_idx % trainer.accumulate_grad_batches == 0:
             self._batch_started = time.perf_counter()
+            if self._step_ended is not None and trainer.global_step > self.skip:
+                self.data_seconds.append(self._batch_started - self._step_ended)
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._counter is not None:
@@ -74,12 +80,22 @@ class ComputeMeter(Callback):
         stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         if stepped and not self._wanted and trainer.global_step > self.skip and self._batch_started is not None:
             self.step_seconds.append(time.perf_counter() - self._batch_started)
+        self._step_ended = time.perf_counter() if stepped else None
         if not self._wanted:
             return
         self._wanted = False
         if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:  # an optimizer step: its micro-batches
             self.step_flops.append(self._micro_flops)
             self._micro_flops = 0
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._step_ended = None  # the next wait for data is not a typical one
+        self._validation_started = None if trainer.sanity_checking else time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._validation_started is not None:
+            batches = int(sum(trainer.num_val_batches))
+            self.validations.append((time.perf_counter() - self._validation_started, batches))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.__dict__.pop("training_step", None)  # back to the class's method
@@ -121,6 +137,14 @@ class ComputeMeter(Callback):
             # median seconds of an uninstrumented optimizer step (data loading and validation excluded): what a
             # short probe says a long run's step costs, unlike its wall seconds (counted steps run slower)
             "step_seconds": round(statistics.median(self.step_seconds), 4) if self.step_seconds else None,
+            # median wait for the next batch between steps (data loading the step did not hide)
+            "data_seconds": round(statistics.median(self.data_seconds), 4) if self.data_seconds else None,
+            # one validation: median seconds, the batches it ran, and the batches of the whole val loader (a probe
+            # runs a few: the whole is extrapolated from them)
+            "validation_seconds": round(statistics.median(v for v, _ in self.validations), 3) if self.validations
+            else None,
+            "validation_batches": self.validations[-1][1] if self.validations else None,
+            "val_loader_batches": _loader_batches(trainer),
             "images_seen": (self._images_before + self._images) * world,
             "device": device,
             "method": "FlopCounterMode on counted real steps; total = mean per step x steps x processes",
@@ -135,3 +159,14 @@ class ComputeMeter(Callback):
         self.step_flops = list(state_dict.get("step_flops", []))
         self._wall_before = float(state_dict.get("wall_seconds", 0.0))
         self._images_before = int(state_dict.get("images", 0))
+
+
+def _loader_batches(trainer: L.Trainer) -> int | None:
+    """Batches of the whole val loader (whatever limit_val_batches ran), None without one."""
+    loaders = trainer.val_dataloaders
+    if loaders is None:
+        return None
+    try:
+        return sum(len(d) for d in (loaders if isinstance(loaders, (list, tuple)) else [loaders]))
+    except TypeError:  # an iterable loader without a length
+        return None

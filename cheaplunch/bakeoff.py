@@ -46,6 +46,7 @@ CONTROL_METHODS = (*METHODS, "detection")
 LABEL_USING = ("montage", "supervised", "contrastive")  # pre-train on the labelled subset only
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # a dotted key=value config override
 PROBE_STEPS = 8  # FLOPs per step counted on steps 1..3 (ComputeMeter skips step 0), seconds per step timed on 4..7
+PROBE_VAL_BATCHES = 8  # a fine-tuning probe validates once on this many batches (timed, then extrapolated)
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,7 @@ class Run:
     steps: int = PROBE_STEPS  # optimizer steps it trains
     probe: str = ""  # key of the probe that measured its cost per step
     needs: str = ""  # key of the run whose output it reads (a fine-tuning's pre-training), if any
+    val_every: int = 0  # steps between its validations (0: none)
 
     def done(self) -> bool:
         """Its outputs are there and it trained every step (a run stopped early by a signal writes them too)."""
@@ -290,7 +292,9 @@ class BakeOff:
         """PROBE_STEPS-step runs measuring each pre-training's and each (task, arch) fine-tuning's cost per step (the
         probe's own settings come last, so the user's overrides cannot change its length)."""
         quick = [f"trainer.max_steps={PROBE_STEPS}", "checkpoint.every_n_steps=1000000"]
-        quick_finetune = [*quick, "trainer.val_check_interval=1000000", "trainer.limit_val_batches=1"]  # no validation
+        # one validation at the end, on a few batches: what a validation costs
+        quick_finetune = [*quick, f"trainer.val_check_interval={PROBE_STEPS}",
+                          f"trainer.limit_val_batches={PROBE_VAL_BATCHES}"]
         runs = [Run(f"probe/pretrain/{m}", "probe", "train.py",
                     ["--method", m, *self.common, "--seed", "0", *self.s.pretrain_overrides, *quick],
                     self.s.out / "probe" / "pretrain" / m, self.archs[m], PROBE_STEPS, f"probe/pretrain/{m}")
@@ -327,20 +331,24 @@ class BakeOff:
         return f"probe/pretrain/{POSITIVE_CONTROL}"
 
     def per_step(self, run: Run) -> tuple[float, float]:
-        """(FLOPs, wall seconds) per optimizer step of a finished probe."""
+        """(FLOPs, wall seconds) per optimizer step of a finished probe; the seconds include the wait for data."""
         c = run.compute()
         if not c.get("flops_per_step"):
             raise UserError(f"{run.out}: the probe measured no FLOPs (compute.json missing or empty)")
         seconds = c.get("step_seconds") or float(c["wall_seconds"]) / max(c["optimizer_steps"], 1)
-        return float(c["flops_per_step"]) * int(c.get("processes", 1)), float(seconds)
+        return float(c["flops_per_step"]) * int(c.get("processes", 1)), float(seconds) + (c.get("data_seconds") or 0.0)
 
-    def plain_steps(self, task: str) -> int:
+    def protocol_trainer(self, task: str) -> tuple[int, int]:
+        """(steps, steps between validations) of the task's fine-tuning protocol with the user's overrides."""
         from cheaplunch.config import load_config
         from cheaplunch.registry import TASKS as REGISTERED
 
         cfg = load_config(REGISTERED[task].config_path, protocol_yaml(task),
-                          [o for o in self.s.overrides if o.startswith("trainer.max_steps=")])
-        return int(cfg.trainer.max_steps)
+                          [o for o in self.s.overrides if o.startswith("trainer.")]).trainer
+        return int(cfg.max_steps), int(cfg.val_check_interval or 0) if cfg.check_val_every_n_epoch is None else 0
+
+    def plain_steps(self, task: str) -> int:
+        return self.protocol_trainer(task)[0]
 
     # ---- the plan ----------------------------------------------------------------------------------
     def plan(self, probes: dict[str, Run]) -> tuple[list[Run], dict[str, Any]]:
@@ -370,7 +378,8 @@ class BakeOff:
                          script: str = "train.py") -> Run:
             """A pre-training into <out>/pretrain/<name>; its length comes last, so no override can change it."""
             return Run(f"pretrain/{name}", "pretrain", script, [*args, f"trainer.max_steps={steps}"],
-                       s.out / "pretrain" / name, arch, steps, probe)
+                       s.out / "pretrain" / name, arch, steps, probe,
+                       val_every=self.protocol_trainer("detection")[1] if script == "finetune.py" else 0)
 
         for m in self.pretrain_methods:
             info["pretrain_steps"][m], info["pretrain_flops"][m] = budget_steps(f"probe/pretrain/{m}")
@@ -395,7 +404,7 @@ class BakeOff:
             script, args = self.control_command()
             runs.append(pretrain_run(POSITIVE_CONTROL, args, self.default_arch, steps, probe, script))
         for task in s.tasks:
-            plain = self.plain_steps(task)
+            plain, val_every = self.protocol_trainer(task)
             for fraction in s.label_fractions:
                 arms: list[tuple[str, str, list[str], int]] = []  # name, arch, arguments, steps
                 needs: dict[str, str] = {}  # arm -> the pre-training run it fine-tunes
@@ -430,12 +439,22 @@ class BakeOff:
                         runs.append(Run(key, "finetune", "finetune.py",
                                         [*self.task_args(task), *frac, "--seed", str(seed), *s.overrides, *args],
                                         s.out / key, arch, steps, f"probe/{task}/{arch or self.default_arch}",
-                                        needs.get(name, "")))
+                                        needs.get(name, ""), val_every))
         return runs, info
 
     def seconds(self, run: Run, probes: dict[str, Run]) -> float:
-        """Estimated training seconds of a run: its steps x the probe's measured seconds per step."""
-        return self.per_step(probes[run.probe])[1] * run.steps
+        """Estimated seconds of a run from its probe's measurements: start-up (the probe's process time outside
+        its training), steps x (step + wait for data), and each validation (the probe's, extrapolated from the
+        batches it ran to the whole val loader)."""
+        probe = probes[run.probe]
+        c = probe.compute()
+        started = (read_json(probe.out / "launch.json") or {}).get("process_seconds")
+        seconds = max(float(started) - float(c["wall_seconds"]), 0.0) if started else 0.0
+        seconds += run.steps * self.per_step(probe)[1]
+        if run.val_every and c.get("validation_seconds") and c.get("validation_batches"):
+            whole = c.get("val_loader_batches") or c["validation_batches"]
+            seconds += run.steps // run.val_every * c["validation_seconds"] * whole / c["validation_batches"]
+        return seconds
 
     # ---- results -----------------------------------------------------------------------------------
     def results(self, runs: list[Run]) -> list[ArmResult]:

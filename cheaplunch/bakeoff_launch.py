@@ -3,9 +3,11 @@ SLURM, every run its own sbatch job (a fine-tuning after its pre-training), coll
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
+import time
 from collections.abc import Callable
 
 from cheaplunch.bakeoff import Run
@@ -38,8 +40,11 @@ def execute(runs: list[Run], estimate: Callable[[Run], float] | None = None, gro
             else:
                 bar.set_postfix_str(run.key)
             run.out.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
             with open(run.log, "a") as log:
                 code = subprocess.call(run.command(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
+            # the whole process, start-up included (a probe's tells the plan what a run costs outside training)
+            (run.out / "launch.json").write_text(json.dumps({"process_seconds": time.perf_counter() - started}) + "\n")
             if code != 0 or not run.done():
                 raise UserError(f"{run.key} failed (exit {code}); its log is {run.log}: {run.log_tail()}")
             if not keep_checkpoints:
@@ -114,7 +119,6 @@ def execute_slurm(runs: list[Run], sbatch_args: list[str] = (), group: str | Non
     A job that leaves the queue without its outputs is a UserError naming its log. Jobs are requeued on
     preemption (``--requeue --signal=SIGUSR1@120``) and resume from ``last.ckpt``, as ``train.py`` does."""
     import shlex
-    import time
 
     from tqdm import tqdm
 

@@ -102,6 +102,26 @@ def test_plan_gives_equal_compute_to_scratch_plus(tmp_path):
     assert fcmae.arch == "convnextv2_atto" and str(tmp_path / "pretrain" / "fcmae" / "backbone.pt") in fcmae.args
 
 
+def test_the_estimate_adds_start_up_the_wait_for_data_and_validations(tmp_path):
+    s = Settings(data=None, methods=["montage", "scratch"], tasks=["detection"], seeds=1, budget=Budget(steps=10),
+                 label_fractions=[1.0], inits={}, out=tmp_path)
+    bake = BakeOff(s)
+    probes = {p.key: p for p in bake.probes()}
+    _fake_probe(probes["probe/pretrain/montage"], 2e9, 0.5)
+    probe = probes["probe/detection/resnet18"]
+    probe.out.mkdir(parents=True)
+    # 8 steps of 0.3 s + 0.1 s waiting for data; one validation of 8 of the loader's 32 batches in 6 s; the process
+    # took 30 s, of which 12 s in training
+    (probe.out / "compute.json").write_text(json.dumps({
+        "flops_per_step": 4e9, "optimizer_steps": 8, "wall_seconds": 12.0, "step_seconds": 0.3,
+        "data_seconds": 0.1, "validation_seconds": 6.0, "validation_batches": 8, "val_loader_batches": 32}))
+    (probe.out / "launch.json").write_text(json.dumps({"process_seconds": 30.0}))
+    run = next(r for r in bake.plan(probes)[0] if r.key == "finetune/detection/f1/scratch/seed0")
+    steps, every = bake.protocol_trainer("detection")
+    assert run.val_every == every > 0 and run.steps == steps
+    assert bake.seconds(run, probes) == pytest.approx(18.0 + steps * 0.4 + steps // every * 6.0 * 32 / 8)
+
+
 def test_a_steps_budget_is_the_first_methods_steps_and_every_method_gets_its_flops(tmp_path):
     s = Settings(data=None, methods=["montage", "fcmae", "scratch"], tasks=["detection"], seeds=1,
                  budget=Budget(steps=100), label_fractions=[1.0], inits={}, out=tmp_path)

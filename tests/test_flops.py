@@ -89,3 +89,40 @@ def test_compute_meter_times_the_uninstrumented_steps(tmp_path):
     written = json.loads((tmp_path / "compute.json").read_text())
     assert written["step_seconds"] >= 2 * 0.05  # two micro-batches of at least 0.05 s each
     assert written["step_seconds"] == pytest.approx(sorted(meter.step_seconds)[1], abs=1e-4)
+
+
+def test_compute_meter_times_the_wait_for_data_and_each_validation(tmp_path):
+    """data_seconds: the wait for the next batch between steps (here a dataset that sleeps 0.04 s per item, loaded
+    in the main process); validation_seconds: one validation (sleeping 0.03 s per batch, sanity check excluded),
+    with the batches it ran and those of the whole val loader."""
+    import json
+    import time
+
+    from torch.utils.data import DataLoader, Dataset
+
+    from callbacks.compute import ComputeMeter
+
+    class SlowData(Dataset):
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            time.sleep(0.04)
+            return torch.randn(3, 16, 16), i % 10
+
+    class Validated(_LitNet):
+        def validation_step(self, batch, batch_idx):
+            time.sleep(0.03)
+
+    meter = ComputeMeter(tmp_path / "compute.json", count=1, skip=1)
+    trainer = L.Trainer(max_steps=8, val_check_interval=4, limit_val_batches=3, num_sanity_val_steps=2,
+                        callbacks=[meter], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(Validated(), DataLoader(SlowData(), batch_size=2), DataLoader(SlowData(), batch_size=4))
+    written = json.loads((tmp_path / "compute.json").read_text())
+    assert written["data_seconds"] >= 2 * 0.04  # two items a batch
+    # before steps 2..7 (not the first two), less the one after the validation at step 4
+    assert len(meter.data_seconds) == 5
+    assert len(meter.validations) == 2  # after steps 4 and 8; the sanity check is not one
+    assert written["validation_batches"] == 3 and written["val_loader_batches"] == 10  # 40 items / 4
+    assert written["validation_seconds"] >= 3 * (0.03 + 4 * 0.04)  # 3 batches of 4 slow items, each validated
