@@ -351,10 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         info = read_build_info(args.out)
         reuse = (args.preview and not args.force and all(v is None for v in options.values())
                  and info is not None and info.get("complete"))
-        if not reuse:
-            defaults = {"size": 300, "seed": 0, "image_size": 256, "max_objects": 6, "scale": EmbeddedConfig.scale}
-            kwargs = {k: (defaults.get(k) if v is None else v) for k, v in options.items()}
-            build_embedded(args.out, force=args.force, **kwargs)
+        if not reuse:  # the options not given keep build_embedded's defaults
+            build_embedded(args.out, force=args.force, **{k: v for k, v in options.items() if v is not None})
             info = read_build_info(args.out) or {}
         print(f"embedded dataset at {args.out} ({info.get('counts')}; {time.perf_counter() - start:.1f} s)")
         if args.preview:

@@ -148,16 +148,10 @@ def load_backgrounds() -> list[Background]:
 
 def check_system_data() -> None:
     """Fail with the install command when the Debian packages are missing."""
-    if not STAMP_ROOT.is_dir():
-        raise DataError(
-            f"Tux Paint stamps not found at {STAMP_ROOT}: the embedded dataset needs the Debian packages; "
-            f"install them (as root): {INSTALL_COMMAND}"
-        )
-    if not MATE_NATURE_DIR.is_dir():
-        raise DataError(
-            f"MATE background photos not found at {MATE_NATURE_DIR}: the embedded dataset needs the Debian "
-            f"packages; install them (as root): {INSTALL_COMMAND}"
-        )
+    for what, folder in (("Tux Paint stamps", STAMP_ROOT), ("MATE background photos", MATE_NATURE_DIR)):
+        if not folder.is_dir():
+            raise DataError(f"{what} not found at {folder}: the embedded dataset needs the Debian packages; "
+                            f"install them (as root): {INSTALL_COMMAND}")
 
 
 def installed_stamps() -> list[StampEntry]:
