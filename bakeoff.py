@@ -80,16 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def body() -> None:
-        from cheaplunch.bakeoff import (
-            PROBE_STEPS,
-            TASKS,
-            BakeOff,
-            default_data,
-            parse_budget,
-            parse_inits,
-        )
+        from cheaplunch.bakeoff import TASKS, BakeOff, default_data, parse_budget, parse_inits
         from cheaplunch.bakeoff_launch import execute, execute_slurm
         from cheaplunch.bakeoff_report import log_wandb, write_json, write_markdown, write_plot
+        from cheaplunch.bakeoff_run import PROBE_STEPS
 
         out = Path(args.out).resolve()
         data = str(Path(args.data).expanduser().resolve()) if args.data else str(default_data())  # runs start in the repo

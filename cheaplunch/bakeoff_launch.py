@@ -10,7 +10,7 @@ import subprocess
 import time
 from collections.abc import Callable
 
-from cheaplunch.bakeoff import Run
+from cheaplunch.bakeoff_run import Run
 from common.errors import UserError
 from common.paths import REPO_ROOT
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cheaplunch.bakeoff import BakeOff, Budget, Run, Settings, parse_budget, parse_inits
+from cheaplunch.bakeoff import BakeOff, Budget, Settings, parse_budget, parse_inits
+from cheaplunch.bakeoff_run import Run
 from cheaplunch.bakeoff_verdicts import summarise
 from cheaplunch.stats import BETTER, TIE
 from common.errors import UserError
@@ -288,7 +289,6 @@ def test_tiny_bakeoff_end_to_end(tiny_embedded, tmp_path):
 
 
 def test_command_puts_overrides_last_in_order(tmp_path):
-    from cheaplunch.bakeoff import Run
 
     run = Run("k", "finetune", "finetune.py", ["--task", "detection", "trainer.max_steps=5", "--seed", "1",
                                                "--backbone", "/x/y.pt", "trainer.max_steps=9"], tmp_path, "resnet18")
