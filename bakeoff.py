@@ -110,10 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         seconds = {r.key: bake.seconds(r, by_key) for r in runs}
         todo = [r for r in runs if not r.done()]
         print(f"{len(runs)} runs ({len(runs) - len(todo)} done); estimated {sum(seconds[r.key] for r in todo) / 60:.0f} "
-              "min of training left")
+              "min left (start-up, steps, waits for data and validations, as the probes measured them)")
         if args.dry_run:
             for r in runs:
-                print(f"  {'done ' if r.done() else ''}{r.key}: ~{seconds[r.key] / 60:.1f} min")
+                flops, step = bake.per_step(by_key[r.probe])
+                print(f"  {'done ' if r.done() else ''}{r.key}: {r.steps} steps x {flops:.3g} FLOPs, {step:.2f} s/step"
+                      f"{f', validated every {r.val_every}' if r.val_every else ''}: ~{seconds[r.key] / 60:.1f} min")
             print("budget arithmetic: " + str(info))
             return
         run_all(runs, estimate=lambda r: seconds[r.key])

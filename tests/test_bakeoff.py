@@ -274,6 +274,7 @@ def test_tiny_bakeoff_end_to_end(tiny_embedded, tmp_path):
     dry = subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True, cwd=REPO, timeout=900)
     assert dry.returncode == 0, dry.stderr[-2000:]
     assert "estimated" in dry.stdout and "finetune/segmentation/f1/scratch+/seed1" in dry.stdout
+    assert "s/step, validated every 2" in dry.stdout  # the measured cost per step of every run
     assert not (out / "pretrain").exists()  # a dry run trains nothing but the probes
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
