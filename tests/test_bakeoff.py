@@ -399,3 +399,24 @@ def test_finished_runs_give_back_their_checkpoints_unless_kept(tmp_path, monkeyp
     runs = _pretrain_and_finetune(tmp_path / "kept")
     bakeoff_launch.execute(runs, keep_checkpoints=True)
     assert len(list((runs[1].out / "checkpoints").iterdir())) == 3
+
+
+def test_a_report_is_judged_again_from_its_values(tmp_path):
+    """benchmarks/rejudge_bakeoff.py: a bakeoff.json written under one rule, judged again from its per-seed values
+    (here the committed controls run, whose positive control failed the old bar of 3 x scratch's own SD)."""
+    from benchmarks.rejudge_bakeoff import rejudge
+    from cheaplunch.bakeoff_report import write_json
+
+    scratch, control, negative = [0.0787, 0.0583, 0.0807], [0.1104, 0.1060, 0.1127], [0.0808, 0.0737, 0.0658]
+    s = Settings(data="d", methods=["scratch"], tasks=["detection"], seeds=3, budget=Budget(steps=200),
+                 label_fractions=[1.0], inits={}, out=tmp_path, controls=True)
+    rows = summarise({"scratch": scratch, "control_long": control, "control_scratch": negative}, "detection", 1.0,
+                     dict.fromkeys(("scratch", "control_long", "control_scratch"), "resnet18"), {})
+    rows[1].control_passed, rows[1].control_threshold = False, 3 * np.std(scratch, ddof=1)  # the old rule's verdict
+    write_json(tmp_path / "bakeoff.json", rows, s, "python bakeoff.py", {})
+    _, again = rejudge(json.loads((tmp_path / "bakeoff.json").read_text()))
+    positive = {r.arm: r for r in again}["control_long"]
+    assert positive.control_threshold == pytest.approx(3 * np.std(scratch + negative, ddof=1))
+    gain = np.mean(np.subtract(control, scratch))
+    assert positive.control_passed == (gain > positive.control_threshold) and positive.control_passed
+    assert positive.values == control and positive.arch == "resnet18"
