@@ -259,9 +259,6 @@ class BakeOff:
                           [o for o in self.s.overrides if o.startswith("trainer.")]).trainer
         return int(cfg.max_steps), int(cfg.val_check_interval or 0) if cfg.check_val_every_n_epoch is None else 0
 
-    def plain_steps(self, task: str) -> int:
-        return self.protocol_trainer(task)[0]
-
     # ---- the plan ----------------------------------------------------------------------------------
     def plan(self, probes: dict[str, Run]) -> tuple[list[Run], dict[str, Any]]:
         """Pre-training and fine-tuning runs, and the budget arithmetic behind them (from the probes)."""
@@ -287,11 +284,10 @@ class BakeOff:
             return steps, steps * flops
 
         def pretrain_run(name: str, args: list[str], arch: str, steps: int, probe: str,
-                         script: str = "train.py") -> Run:
+                         script: str = "train.py", val_every: int = 0) -> Run:
             """A pre-training into <out>/pretrain/<name>; its length comes last, so no override can change it."""
             return Run(f"pretrain/{name}", "pretrain", script, [*args, f"trainer.max_steps={steps}"],
-                       s.out / "pretrain" / name, arch, steps, probe,
-                       val_every=self.protocol_trainer("detection")[1] if script == "finetune.py" else 0)
+                       s.out / "pretrain" / name, arch, steps, probe, val_every=val_every)
 
         for m in self.pretrain_methods:
             info["pretrain_steps"][m], info["pretrain_flops"][m] = budget_steps(f"probe/pretrain/{m}")
@@ -314,7 +310,9 @@ class BakeOff:
             steps, flops = budget_steps(probe, s.control_factor, in_flops(probe))
             info["pretrain_steps"][POSITIVE_CONTROL], info["pretrain_flops"][POSITIVE_CONTROL] = steps, flops
             script, args = self.control_command()
-            runs.append(pretrain_run(POSITIVE_CONTROL, args, self.default_arch, steps, probe, script))
+            # a detection control trains the detection protocol, which validates as it goes
+            val_every = self.protocol_trainer("detection")[1] if s.control_method == "detection" else 0
+            runs.append(pretrain_run(POSITIVE_CONTROL, args, self.default_arch, steps, probe, script, val_every))
         for task in s.tasks:
             plain, val_every = self.protocol_trainer(task)
             for fraction in s.label_fractions:

@@ -88,7 +88,7 @@ def test_plan_gives_equal_compute_to_scratch_plus(tmp_path):
     runs, info = bake.plan(probes)
     # pre-training steps = budget / FLOPs per step of the method
     assert info["pretrain_steps"] == {"montage": 3000, "fcmae": 2000}
-    plain = bake.plain_steps("detection")
+    plain = bake.protocol_trainer("detection")[0]
     # scratch+ = plain steps + budget / scratch's fine-tuning FLOPs per step, per architecture
     assert info["scratch_plus_steps"] == {"detection/resnet18": plain + 1500,
                                           "detection/convnextv2_atto": plain + 1200}
@@ -135,7 +135,7 @@ def test_a_steps_budget_is_the_first_methods_steps_and_every_method_gets_its_flo
     assert info["budget_reference"] == "montage" and info["budget_flops"] == 100 * 2e9
     assert info["pretrain_steps"] == {"montage": 100, "fcmae": 25}  # 2e11 FLOPs each
     assert info["pretrain_flops"] == {"montage": 2e11, "fcmae": 2e11}
-    plain = bake.plain_steps("detection")
+    plain = bake.protocol_trainer("detection")[0]
     assert info["scratch_plus_steps"] == {"detection/resnet18": plain + 50, "detection/convnextv2_atto": plain + 40}
 
 
@@ -222,6 +222,7 @@ def test_detection_control_trains_the_detection_protocol(tmp_path):
     assert args[args.index("--task") + 1] == "detection" and args[args.index("--backbone") + 1] == "scratch"
     assert args[args.index("--config") + 1].endswith("bakeoff/detection.yaml") and "optim.lr=1e-3" in args
     assert args[-1] == "trainer.max_steps=300" and info["pretrain_steps"]["control_long"] == 300
+    assert control.val_every == 200  # configs/bakeoff/detection.yaml validates every 200 steps: the estimate counts them
     long0 = by_key["finetune/detection/f1/control_long/seed0"]
     assert long0.args[long0.args.index("--backbone") + 1] == str(tmp_path / "pretrain" / "control_long")
     # without a detection task nothing else measures it: it gets a probe of its own, the detection protocol
